@@ -1,0 +1,198 @@
+"""Hugging Face safetensors checkpoints: sharded with `model.safetensors.index.json` or single-file.
+
+Each shard is memory-mapped once (copy-on-write, so torch may view it without ever writing the
+file) and tensors are handed out one at a time as views; only a dtype conversion copies. The
+headers of every shard are checked when the checkpoint opens, so a truncated or inconsistent file
+fails before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .ggml_tensor import GGMLTensor
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FP8_BLOCK = 128
+SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError("shard file is missing", file=str(path)) from None
+        with f:
+            size = path.stat().st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)", file=str(path))
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"header length {n} runs past the end of the file ({size} bytes)", file=str(path))
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"header is not valid JSON: {e}", file=str(path)) from None
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+            except KeyError:
+                raise CheckpointError(f"unsupported dtype {e.get('dtype')!r}", file=str(path), tensor=name) from None
+            shape = tuple(e["shape"])
+            begin, end = e["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes:
+                raise CheckpointError(
+                    f"data size {end - begin} B does not match shape {list(shape)} of {e['dtype']}", file=str(path), tensor=name
+                )
+            if self.data_start + end > size:
+                raise CheckpointError(
+                    f"data runs past the end of the file ({self.data_start + end} > {size} bytes): truncated?",
+                    file=str(path), tensor=name,
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def view(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
+        return t.view(dtype).view(shape)
+
+
+class SafetensorsCheckpoint:
+    """A checkpoint folder: config.json plus safetensors shards. Implements WeightSource."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        self.path = str(path)
+        if not self.root.is_dir():
+            raise CheckpointError("checkpoint folder not found", file=self.path)
+        self.config = ModelConfig.from_file(self.root / "config.json")
+        index = self.root / "model.safetensors.index.json"
+        self._where: dict[str, _Shard] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"index is not a valid safetensors index ({e!r})", file=str(index)) from None
+            shards: dict[str, _Shard] = {}
+            for name, fname in weight_map.items():
+                if fname not in shards:
+                    if not (self.root / fname).is_file():
+                        raise CheckpointError(f"shard {fname} listed in the index is missing", file=str(self.root / fname), tensor=name)
+                    shards[fname] = _Shard(self.root / fname)
+                shard = shards[fname]
+                if name not in shard.entries:
+                    raise CheckpointError(f"the index places this tensor in {fname}, which lacks it", file=str(shard.path), tensor=name)
+                self._where[name] = shard
+        else:
+            files = sorted(self.root.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError("no model.safetensors.index.json and no .safetensors files", file=self.path)
+            for f in files:
+                shard = _Shard(f)
+                for name in shard.entries:
+                    if name in self._where:
+                        raise CheckpointError(f"tensor is in two files ({self._where[name].path.name})", file=str(f), tensor=name)
+                    self._where[name] = shard
+
+    # ---- WeightSource -----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> str:
+        return str(self._shard(name).path)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard(name).entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shard(name).entries[name][0]
+
+    def raw(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        shard = self._shard(name)
+        extra = {}
+        if name.endswith(".weight"):
+            for suffix in SCALE_SUFFIXES:
+                companion = name[: -len("weight")] + suffix
+                if companion in self._where:
+                    extra[suffix] = self._where[companion].view(companion)
+        return shard.view(name), extra
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t, extra = self.raw(name)
+        file = self.file_of(name)
+        if t.dtype == torch.float8_e4m3fn:
+            scale = extra.get("weight_scale_inv")
+            if scale is None:
+                raise CheckpointError("float8 weight without its weight_scale_inv", file=file, tensor=name)
+            return dequant_block(t, scale, name=name, file=file).to(dtype)
+        if t.dtype == torch.int8 and extra:
+            return dequant_int8(t, extra, name=name, file=file).to(dtype)
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"unexpected dtype {t.dtype} for a floating-point tensor", file=file, tensor=name)
+        return t if t.dtype == dtype else t.to(dtype)
+
+    def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
+        return None
+
+    def _shard(self, name: str) -> _Shard:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise CheckpointError("tensor not found in the checkpoint", file=self.path, tensor=name) from None
+
+
+def dequant_block(q: torch.Tensor, scale: torch.Tensor, *, name: str = "", file: str | None = None,
+                  block: int = FP8_BLOCK) -> torch.Tensor:
+    """Block-scaled weight -> fp32: each [block x block] tile times its scale; tails are cropped
+    (the release padded tail tiles with zeros before computing their scale)."""
+    n, k = q.shape
+    want = (-(-n // block), -(-k // block))
+    if tuple(scale.shape) != want:
+        raise CheckpointError(f"block scale has shape {list(scale.shape)}, expected {list(want)} for weight {[n, k]}",
+                              file=file, tensor=name)
+    s = scale.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    return q.float() * s
+
+
+def dequant_int8(q: torch.Tensor, extra: dict[str, torch.Tensor], *, name: str = "", file: str | None = None) -> torch.Tensor:
+    """INT8 weight -> fp32: block scales (`weight_scale_inv`) or per-row scales (`weight_scale` [N, 1])."""
+    if "weight_scale_inv" in extra:
+        return dequant_block(q, extra["weight_scale_inv"], name=name, file=file)
+    s = extra["weight_scale"]
+    if tuple(s.shape) not in ((q.shape[0], 1), (q.shape[0],)):
+        raise CheckpointError(f"channel scale has shape {list(s.shape)}, expected [{q.shape[0]}, 1]", file=file, tensor=name)
+    return q.float() * s.float().view(-1, 1)

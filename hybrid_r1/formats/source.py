@@ -1,0 +1,37 @@
+"""What every checkpoint reader offers the loader and the operators.
+
+Names are always the Hugging Face names (`model.layers.3.self_attn.q_a_proj.weight`); a reader of
+another format (GGUF, merged folders) maps them. Operators never open files: they ask a source.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .ggml_tensor import GGMLTensor
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    path: str  # what the user passed, for messages
+
+    def has(self, name: str) -> bool:
+        """True if the checkpoint holds `name` (HF name)."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """HF-orientation shape of `name`, without reading its data."""
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """`name` dequantized (FP8 block scales, GGML blocks, ...) to `dtype`, on the CPU, HF orientation.
+
+        Raises CheckpointError naming the file and tensor if it is missing or malformed."""
+
+    def raw(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`name` as stored (e.g. int8 or float8 weight) plus its companion tensors by suffix
+        (`weight_scale_inv`, `weight_scale`), for operators that run the stored format."""
+
+    def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
+        """GGML-quantized routed experts of `layer` as {"gate", "up", "down"} -> GGMLTensor
+        (3-D, one expert per outer index), or None if this source stores experts otherwise."""

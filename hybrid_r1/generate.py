@@ -1,0 +1,169 @@
+"""Prefill, decode and sampling over a DeepseekV3 module and its cache. Prints nothing: callers get
+tokens through `on_token` and timings in the returned `Generation`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import KVCache
+from .model import DeepseekV3
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens in the prompt
+    prefilled_tokens: int = 0  # of which computed now (the rest came from a reused cache)
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stop_reason: str = ""  # "stop" (a stop token), "length" (max_new_tokens) or "interrupted"
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first new token comes out of the prefill; decode time covers the others.
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.prefill_s
+
+
+class Generation(list):
+    """The new token ids (a list), with `.stats` (a Stats) beside them."""
+
+    def __init__(self, tokens=(), stats: Stats | None = None):
+        super().__init__(tokens)
+        self.stats = stats or Stats()
+
+
+def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
+    """logits [vocab] -> one token id."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        drop = sorted_p.cumsum(0) - sorted_p >= params.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _sync(module: DeepseekV3) -> None:
+    if module.lm_head.weight.device.type == "cuda":
+        torch.cuda.synchronize(module.lm_head.weight.device)
+
+
+def forward_tokens(module: DeepseekV3, tokens: list[int], cache: KVCache, mode: str = "auto",
+                   last_only: bool = False) -> torch.Tensor:
+    """Feed batch-1 tokens through the model, extend cache.tokens; logits [T or 1, vocab]."""
+    out = module(torch.tensor([tokens], dtype=torch.long), cache, mode=mode, last_only=last_only)[0]
+    cache.tokens.extend(tokens)
+    return out
+
+
+def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int = 512) -> torch.Tensor:
+    """Run the prompt in chunks of `chunk` tokens; logits of its last token [vocab]."""
+    if not tokens:
+        raise ValueError("prefill needs at least one token")
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    for i in range(0, len(tokens), chunk):
+        logits = forward_tokens(module, tokens[i : i + chunk], cache, last_only=True)
+    return logits[-1]
+
+
+def reuse_prefix(cache: KVCache, tokens: list[int]) -> int:
+    """Keep the cached prefix shared with `tokens` (at least one token is left to compute, for
+    its logits); return how many tokens are reused."""
+    n = 0
+    limit = min(len(cache.tokens), len(tokens) - 1)
+    while n < limit and cache.tokens[n] == tokens[n]:
+        n += 1
+    cache.truncate(n)
+    return n
+
+
+@torch.inference_mode()
+def generate(
+    module: DeepseekV3,
+    prompt: list[int],
+    cache: KVCache,
+    *,
+    max_new_tokens: int = 256,
+    sampling: Sampling = Sampling(),
+    stop_ids: tuple[int, ...] | list[int] = (),
+    on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int = 512,
+) -> Generation:
+    """Continue `prompt`; tokens already in `cache` (a previous turn) are reused, not recomputed.
+
+    A KeyboardInterrupt from `on_token` (Ctrl-C) ends generation cleanly: the result holds the
+    tokens so far, stop_reason is "interrupted", and the cache covers exactly the tokens fed."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    stats = Stats(prompt_tokens=len(prompt))
+    out = Generation(stats=stats)
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    stops = set(stop_ids)
+    reused = reuse_prefix(cache, prompt)
+    stats.prefilled_tokens = len(prompt) - reused
+    t0 = t1 = time.perf_counter()
+    stats.stop_reason = "length"
+    try:
+        logits = prefill(module, prompt[reused:], cache, prefill_chunk)
+        _sync(module)
+        t1 = time.perf_counter()
+        stats.prefill_s = t1 - t0
+        while len(out) < max_new_tokens:
+            tok = sample(logits, sampling, generator)
+            if tok in stops:
+                stats.stop_reason = "stop"
+                break
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if len(out) == max_new_tokens:
+                break
+            logits = forward_tokens(module, [tok], cache)[-1]
+    except KeyboardInterrupt:
+        stats.stop_reason = "interrupted"
+        cache.truncate(len(cache.tokens))  # drop a step that was cut off half-way through the layers
+        if not stats.prefill_s:
+            stats.prefill_s = time.perf_counter() - t0
+    _sync(module)
+    stats.decode_s = time.perf_counter() - t1
+    stats.new_tokens = len(out)
+    return out

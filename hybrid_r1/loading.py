@@ -1,0 +1,119 @@
+"""Open a checkpoint, build the model without weights, place it, and load each module's tensors.
+
+The model is built on the `meta` device (no memory). Each module then receives its own tensors,
+one at a time, from the memory-mapped checkpoint, on its own device: a module that defines
+`load_weights(source, prefix)` (an operator chosen by a rule) loads itself; plain torch modules get
+their parameters by name. So the whole model never sits in RAM twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .formats.safetensors import SafetensorsCheckpoint
+from .formats.source import WeightSource
+from .model import DeepseekV3
+
+log = logging.getLogger(__name__)
+
+
+def open_checkpoint(path: str | Path) -> WeightSource:
+    """A reader for `path`: a folder of safetensors (with config.json)."""
+    p = Path(path)
+    if p.is_dir():
+        return SafetensorsCheckpoint(p)
+    if p.suffix == ".gguf":
+        from .formats.gguf import GGUFCheckpoint  # imported here: needs only gguf-py
+
+        return GGUFCheckpoint(p)
+    raise CheckpointError("not a checkpoint folder or a .gguf file", file=str(path))
+
+
+def default_device_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def build(config) -> DeepseekV3:
+    with torch.device("meta"):
+        return DeepseekV3(config)
+
+
+def load_weights(module: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype,
+                 progress=None) -> None:
+    """Fill every meta parameter and persistent buffer of `module` from `source`."""
+    done = 0
+    t0 = time.perf_counter()
+
+    def fetch(name: str, like: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+        if not source.has(name):
+            raise CheckpointError("tensor missing from the checkpoint", file=source.path, tensor=name)
+        shape = tuple(source.shape(name))
+        if shape != tuple(like.shape):
+            raise CheckpointError(f"shape {list(shape)} does not match the model's {list(like.shape)}",
+                                  file=_file_of(source, name), tensor=name)
+        return source.tensor(name, want).to(device)
+
+    def visit(mod: nn.Module, prefix: str) -> None:
+        nonlocal done
+        if mod is not module and hasattr(mod, "load_weights"):
+            mod.load_weights(source, prefix.rstrip("."))
+            return
+        fp32 = getattr(mod, "fp32_params", ())
+        for pname, p in list(mod._parameters.items()):
+            if p is not None:
+                t = fetch(prefix + pname, p, torch.float32 if pname in fp32 else dtype)
+                mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+                done += 1
+        for bname, b in list(mod._buffers.items()):
+            if b is not None and bname not in mod._non_persistent_buffers_set:
+                mod._buffers[bname] = fetch(prefix + bname, b, torch.float32 if bname in fp32 else dtype)
+                done += 1
+        if progress is not None:
+            progress(done)
+        for cname, child in mod.named_children():
+            visit(child, f"{prefix}{cname}.")
+
+    visit(module, "")
+    log.info("loaded %d tensors from %s in %.1f s", done, source.path, time.perf_counter() - t0)
+
+
+def _file_of(source: WeightSource, name: str) -> str:
+    file_of = getattr(source, "file_of", None)
+    return file_of(name) if file_of else source.path
+
+
+def load(path: str | Path, *, rules=None, dtype: torch.dtype | None = None,
+         device: str | torch.device | None = None, progress=None):
+    """Load a checkpoint and return a `Runtime` (see hybrid_r1.runtime).
+
+    With no rules every module runs on one device in one dtype: CPU float32, or CUDA bfloat16."""
+    from .runtime import Runtime
+
+    if rules is not None:
+        raise NotImplementedError("placement rules arrive with the rules-driven runtime")
+    source = open_checkpoint(path)
+    device, dtype = default_device_dtype(device, dtype)
+    module = build(source.config)
+    load_weights(module, source, device, dtype, progress)
+    return Runtime(module, source, _tokenizer_for(source))
+
+
+def _tokenizer_for(source: WeightSource):
+    root = Path(source.path)
+    folder = root if root.is_dir() else root.parent
+    if (folder / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(folder)
+    return None

@@ -1,0 +1,318 @@
+"""DeepSeek-V3/R1 in plain torch: the math only, no file I/O and no placement.
+
+Module and parameter names are the Hugging Face checkpoint names, so `model.layers.3.mlp.experts`
+is a module a placement rule can replace, and each parameter loads from the tensor of the same name.
+Shapes in comments: B batch, T new tokens, S cached + new tokens, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache, Step
+from .config import ModelConfig, yarn_mscale
+
+# Query rows per block in the absorbed attention, so [H, rows, S] fp32 scores stay small.
+_ABSORB_SCORE_BYTES = 1 << 28
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (as the reference implementations do).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def linear(n_in: int, n_out: int) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False)
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The [out, in] floating-point weight of a linear, also when an operator stores it quantized."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    return layer.dense_weight()  # quantized operators provide this for the absorbed attention
+
+
+class Rotary:
+    """YaRN rotary embedding on interleaved pairs (x[2i], x[2i+1]), as DeepSeek's weights expect."""
+
+    def __init__(self, cfg: ModelConfig):
+        dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+        # Built on the CPU explicitly: the model itself is constructed under torch.device("meta").
+        freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+        self.attention_factor = 1.0
+        rs = cfg.rope_scaling
+        if rs is not None:
+            def corr(rot: float) -> float:
+                return dim * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+            low = max(math.floor(corr(rs.beta_fast)), 0)
+            high = min(math.ceil(corr(rs.beta_slow)), dim - 1)
+            high = high + 0.001 if low == high else high
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+            freqs = freqs / rs.factor * ramp + freqs * (1 - ramp)
+            if rs.mscale and rs.mscale_all_dim:
+                self.attention_factor = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
+            else:
+                self.attention_factor = yarn_mscale(rs.factor)
+        self.inv_freq = freqs  # [dim/2], on the CPU; moved per call
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ..., dim], positions [B, T] -> x rotated, same layout and dtype."""
+        angle = positions.to(x.device, torch.float32)[..., None] * self.inv_freq.to(x.device)  # [B, T, dim/2]
+        angle = angle.view(*angle.shape[:2], *([1] * (x.dim() - 3)), angle.shape[-1])
+        cos, sin = angle.cos() * self.attention_factor, angle.sin() * self.attention_factor
+        xf = x.float().unflatten(-1, (-1, 2))
+        x1, x2 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+        return out.flatten(-2).to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with a compressed cache (c_kv after norm, k_pe after RoPE)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        qk = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = linear(cfg.hidden_size, qk)
+        else:
+            self.q_a_proj = linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # the latent norms use 1e-6, not rms_norm_eps
+            self.q_b_proj = linear(cfg.q_lora_rank, qk)
+        self.kv_a_proj_with_mqa = linear(cfg.hidden_size, self.rank + self.rope)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = linear(self.rank, self.n_heads * (self.nope + self.v_dim))
+        self.o_proj = linear(self.n_heads * self.v_dim, cfg.hidden_size)
+        self.rotary = Rotary(cfg)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], -1)
+        q_pe = self.rotary(q_pe, step.positions)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], -1)
+        c_kv = self.kv_a_layernorm(c)  # [B, T, rank]
+        k_pe = self.rotary(k_pe, step.positions)  # [B, T, rope], one key shared by all heads
+        c_kv, k_pe = cache.write(self.layer, step.start, c_kv, k_pe)  # [B, S, .]
+        allowed = attention_mask(step, x.device)  # [B, T, S]
+        if step.mode == "naive":
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, allowed)
+        else:
+            o = self._absorbed(q_nope, q_pe, c_kv, k_pe, allowed)
+        return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
+        """Expand the latents into per-head keys and values: cheap for a long fresh prompt."""
+        b, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], -1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], -1)
+        q = torch.cat([q_nope, q_pe], -1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None], scale=self.scale
+        )
+        return o.transpose(1, 2)  # [B, T, H, v_dim]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
+        """Attend in the latent space: W_UK folded into the query, W_UV applied after (decode)."""
+        w = dense_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, rank], [H, v, rank]
+        q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, rank]
+        b, t, h, _ = q_abs.shape
+        s = c_kv.shape[1]
+        rows = max(1, _ABSORB_SCORE_BYTES // (4 * h * s * b))
+        out = []
+        for r0 in range(0, t, rows):
+            sl = slice(r0, r0 + rows)
+            scores = torch.einsum("bthc,bsc->bhts", q_abs[:, sl], c_kv)
+            scores = scores + torch.einsum("bthr,bsr->bhts", q_pe[:, sl], k_pe)
+            scores = scores.float() * self.scale
+            scores = scores.masked_fill(~allowed[:, None, sl], float("-inf"))
+            p = scores.softmax(-1).to(c_kv.dtype)
+            out.append(torch.einsum("bhts,bsc->bthc", p, c_kv))
+        o_lat = torch.cat(out, 1)  # [B, T, H, rank]
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+
+
+def attention_mask(step: Step, device: torch.device) -> torch.Tensor:
+    """[B, T, S] bool: causal over cache slots, padding keys hidden; each query always sees itself
+    (so a padding query's row is never empty and never NaN)."""
+    t = step.positions.shape[1]
+    s = step.start + t
+    q_slot = torch.arange(step.start, s, device=device)
+    k_slot = torch.arange(s, device=device)
+    causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+    allowed = causal[None] & step.key_valid.to(device)[:, None, :]
+    return allowed | (k_slot[None, :] == q_slot[:, None])[None]
+
+
+class MLP(nn.Module):
+    """SwiGLU: dense layers, the shared expert and each routed expert."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = linear(hidden, inter)
+        self.up_proj = linear(hidden, inter)
+        self.down_proj = linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: scores, group-limited top-k selection, normalised and scaled weights."""
+
+    fp32_params = ("weight", "e_score_correction_bias")  # kept in fp32 whatever the model dtype
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.empty(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> expert ids [N, k] int64, weights [N, k] fp32."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        choice = scores
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            if cfg.topk_method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias  # bias steers selection only
+                group = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group).topk(2, -1)[0].sum(-1)
+            else:  # group_limited_greedy
+                group = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group).amax(-1)
+            keep = torch.zeros_like(group, dtype=torch.bool)
+            keep.scatter_(1, group.topk(cfg.topk_group, -1)[1], True)
+            keep = keep[:, :, None].expand(-1, -1, cfg.n_routed_experts // cfg.n_group).reshape(choice.shape)
+            choice = choice.masked_fill(~keep, float("-inf"))
+        elif cfg.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        idx = choice.topk(cfg.num_experts_per_tok, -1)[1]
+        w = scores.gather(1, idx)
+        if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * cfg.routed_scaling_factor
+
+
+class Experts(nn.ModuleList):
+    """The routed experts of one layer; a rule may replace this whole module (e.g. by CPU GGML experts).
+
+    Any replacement takes the same call: (x [N, hidden], idx [N, k], w [N, k]) -> [N, hidden]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self)).tolist()
+        token = order // idx.shape[1]
+        pos = 0
+        for e, n in enumerate(counts):  # tokens grouped by expert: one matmul per used expert
+            if n:
+                sel = order[pos : pos + n]
+                tok = token[pos : pos + n]
+                out.index_add_(0, tok, self[e](x[tok]).float() * w.flatten()[sel, None])
+                pos += n
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx, w = self.gate(x)
+        y = self.experts(x, idx, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), step, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        valid: torch.Tensor | None = None,
+        mode: str = "auto",
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with last_only).
+
+        valid [B, T] marks real tokens (False = padding). mode: "naive" expands keys and values
+        per head, "absorb" attends in the latent space; "auto" takes naive for a fresh multi-token
+        prompt and absorbed when attending to a cache."""
+        if valid is None:
+            valid = torch.ones(tokens.shape, dtype=torch.bool)
+        if mode == "auto":
+            mode = "naive" if cache.length == 0 and tokens.shape[1] > 1 else "absorb"
+        if mode not in ("naive", "absorb"):
+            raise ValueError(f"attention mode must be auto, naive or absorb, got {mode!r}")
+        step = cache.begin(valid, mode)
+        embed = self.model.embed_tokens
+        h = embed(tokens.to(embed.weight.device))
+        for block in self.model.layers:
+            h = block(h.to(block.input_layernorm.weight.device), step, cache)
+        if last_only:
+            h = h[:, -1:]
+        h = self.model.norm(h.to(self.model.norm.weight.device))
+        return self.lm_head(h).float()

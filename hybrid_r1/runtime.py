@@ -1,0 +1,65 @@
+"""The loaded model as users and tests drive it: logits, generate, tokenizer."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .cache import KVCache
+from .config import ModelConfig
+from .generate import Generation, Sampling, forward_tokens, generate
+from .model import DeepseekV3
+
+
+class Runtime:
+    def __init__(self, module: DeepseekV3, source, tokenizer=None):
+        self.module = module
+        self.source = source
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    def new_cache(self, batch: int = 1, max_tokens: int | None = None) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, batch, max_tokens)
+
+    @torch.inference_mode()
+    def logits(self, token_ids, *, chunk: int | None = None, mode: str = "auto") -> torch.Tensor:
+        """float32 logits [len, vocab] at every position, with a fresh cache.
+
+        chunk: feed the tokens in chunks of this size (chunked prefill); mode: auto|naive|absorb."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("logits needs at least one token")
+        cache = self.new_cache()
+        step = chunk or len(ids)
+        return torch.cat([forward_tokens(self.module, ids[i : i + step], cache, mode=mode)
+                          for i in range(0, len(ids), step)])
+
+    def generate(
+        self,
+        token_ids,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[int] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        cache: KVCache | None = None,
+        prefill_chunk: int = 512,
+    ) -> Generation:
+        """New token ids after `token_ids` (a list with `.stats`). stop defaults to the model's EOS
+        and the tokenizer's stop tokens; pass a cache to reuse it across calls (multi-turn chat)."""
+        if stop is None:
+            stop = list(self.config.eos_token_ids)
+            if self.tokenizer is not None:
+                stop += [t for t in self.tokenizer.stop_ids if t not in stop]
+        return generate(
+            self.module, [int(t) for t in token_ids], cache if cache is not None else self.new_cache(),
+            max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k, seed),
+            stop_ids=stop, on_token=on_token, prefill_chunk=prefill_chunk,
+        )

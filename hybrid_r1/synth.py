@@ -1,0 +1,298 @@
+"""Synthetic DeepSeek-V3 checkpoints in the real layout: test data and benchmark input.
+
+`SyntheticWeights` is a WeightSource whose tensors are drawn on demand from a seed and the tensor's
+name, so any subset can be regenerated identically (the GGUF and INT8 writers start from the same
+numbers). `write_checkpoint` streams it into a Hugging Face folder: config.json with the real keys,
+the real DeepSeek-R1 tokenizer files, safetensors shards with an index, in BF16 or in the FP8
+release format (128x128 block scales, zero-padded tails), plus the MTP layer the loader must skip.
+
+    python -m hybrid_r1.synth OUT --preset tiny [--format fp8] [--layers N] [--set key=value]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .formats.ggml_tensor import GGMLTensor
+
+log = logging.getLogger(__name__)
+
+_ROPE_671B = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+_COMMON = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_act="silu",
+               scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, rms_norm_eps=1e-6,
+               rope_theta=10000, rope_scaling=_ROPE_671B, max_position_embeddings=163840, bos_token_id=0,
+               eos_token_id=1, tie_word_embeddings=False, attention_bias=False, num_nextn_predict_layers=1,
+               routed_scaling_factor=2.5, n_shared_experts=1, moe_layer_freq=1, torch_dtype="bfloat16")
+PRESETS = {
+    # Seconds on 2 cores, the real vocabulary (so the real tokenizer works). Dims are multiples of
+    # 256 where llama.cpp's K-quants need it; kv_a has 80 rows, a partial 128-row FP8 block.
+    "tiny": dict(_COMMON, vocab_size=129280, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                 num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                 q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                 n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2),
+    # The 671B model's widths with fewer layers (choose with --layers / --set), for benchmarks.
+    "full-slice": dict(_COMMON, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                       moe_intermediate_size=2048, num_hidden_layers=4, first_k_dense_replace=1,
+                       num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+                       num_experts_per_tok=8, n_group=8, topk_group=4),
+}
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+FP8_MAX = 448.0
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig.from_hf_dict({**PRESETS[name], **overrides}, source=f"preset {name}")
+
+
+def tensor_specs(cfg: ModelConfig, mtp: bool = True) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name, shape, kind) of every tensor of the release, in file order. kind is one of
+    embed, head, norm, linear, gate, bias; `linear` tensors are the ones FP8 quantizes."""
+    h = cfg.hidden_size
+    specs = [("model.embed_tokens.weight", (cfg.vocab_size, h), "embed")]
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        if i >= cfg.num_hidden_layers:  # MTP module: its own projections around a normal block
+            specs += [(p + "enorm.weight", (h,), "norm"), (p + "hnorm.weight", (h,), "norm"),
+                      (p + "eh_proj.weight", (h, 2 * h), "linear"), (p + "shared_head.norm.weight", (h,), "norm")]
+        specs += [(p + "input_layernorm.weight", (h,), "norm"), (p + "post_attention_layernorm.weight", (h,), "norm")]
+        a = p + "self_attn."
+        qk = cfg.num_attention_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            specs.append((a + "q_proj.weight", (qk, h), "linear"))
+        else:
+            specs += [(a + "q_a_proj.weight", (cfg.q_lora_rank, h), "linear"),
+                      (a + "q_a_layernorm.weight", (cfg.q_lora_rank,), "norm"),
+                      (a + "q_b_proj.weight", (qk, cfg.q_lora_rank), "linear")]
+        specs += [(a + "kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h), "linear"),
+                  (a + "kv_a_layernorm.weight", (cfg.kv_lora_rank,), "norm"),
+                  (a + "kv_b_proj.weight", (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                            cfg.kv_lora_rank), "linear"),
+                  (a + "o_proj.weight", (h, cfg.num_attention_heads * cfg.v_head_dim), "linear")]
+        m = p + "mlp."
+        if i >= cfg.num_hidden_layers or cfg.is_moe_layer(i):
+            specs += [(m + "gate.weight", (cfg.n_routed_experts, h), "gate"),
+                      (m + "gate.e_score_correction_bias", (cfg.n_routed_experts,), "bias")]
+            for e in range(cfg.n_routed_experts):
+                specs += _mlp_specs(f"{m}experts.{e}.", h, cfg.moe_intermediate_size)
+            if cfg.n_shared_experts:
+                specs += _mlp_specs(m + "shared_experts.", h, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        else:
+            specs += _mlp_specs(m, h, cfg.intermediate_size)
+    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (cfg.vocab_size, h), "head")]
+    return specs
+
+
+def _mlp_specs(p: str, h: int, inter: int) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(p + "gate_proj.weight", (inter, h), "linear"), (p + "up_proj.weight", (inter, h), "linear"),
+            (p + "down_proj.weight", (h, inter), "linear")]
+
+
+class SyntheticWeights:
+    """A WeightSource of seeded random weights at realistic scale (fp32, HF names and shapes)."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0, mtp: bool = True):
+        self.config = config
+        self.seed = seed
+        self.path = f"<synthetic seed={seed}>"
+        self.specs = {name: (shape, kind) for name, shape, kind in tensor_specs(config, mtp)}
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def has(self, name: str) -> bool:
+        return name in self.specs
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._spec(name)[0]
+
+    def kind(self, name: str) -> str:
+        return self._spec(name)[1]
+
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        shape, kind = self._spec(name)
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000003 + self.seed)
+        if kind == "norm":  # RMSNorm gains near 1, not all equal
+            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
+        elif kind == "bias":  # selection bias: moves routing, comparable to score gaps
+            t = 0.05 * torch.randn(shape, generator=g)
+        elif kind == "embed":
+            t = torch.randn(shape, generator=g)
+        elif kind == "gate":  # large router logits so top-k choices are not near ties
+            t = torch.randn(shape, generator=g) * (3.0 / math.sqrt(shape[1]))
+        else:  # linear, head: unit-variance outputs for unit-variance inputs
+            t = torch.randn(shape, generator=g) / math.sqrt(shape[1])
+        return t.to(dtype)
+
+    def raw(self, name: str):
+        return self.tensor(name), {}
+
+    def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
+        return None
+
+    def _spec(self, name: str):
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise CheckpointError("tensor not in the synthetic model", file=self.path, tensor=name) from None
+
+
+def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DeepSeek FP8 release format: per 128x128 tile s = amax/448, q = fp8(w/s); tail tiles
+    are zero-padded before their amax (which padding does not change)."""
+    n, k = w.shape
+    nb, kb = -(-n // block), -(-k // block)
+    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
+    padded[:n, :k] = w.float()
+    tiles = padded.view(nb, block, kb, block)
+    scale = tiles.abs().amax(dim=(1, 3)) / FP8_MAX  # [nb, kb]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (tiles / scale[:, None, :, None]).view(nb * block, kb * block)[:n, :k].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def write_checkpoint(out: str | Path, weights: SyntheticWeights, *, fmt: str = "bf16", shard_mb: int = 512,
+                     tokenizer: bool = True, force: bool = False) -> Path:
+    """Stream `weights` into a checkpoint folder at `out` (written to a temporary folder, renamed at the end)."""
+    if fmt not in ("bf16", "fp8"):
+        raise ValueError(f"format must be bf16 or fp8, got {fmt!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = weights.config.to_hf_dict()
+        if fmt == "fp8":
+            cfg["quantization_config"] = FP8_QUANT_CONFIG
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer:
+            from .tokenizer import write_r1_tokenizer_files
+
+            write_r1_tokenizer_files(tmp)
+        _write_shards(tmp, weights, fmt, shard_mb << 20)
+        publish_permissions(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def publish_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder; give it (and its files) the modes a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _write_shards(folder: Path, weights: SyntheticWeights, fmt: str, shard_bytes: int) -> None:
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            save_file(pending, str(folder / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(pending))
+            log.info("wrote shard %d (%.0f MB)", len(shards), size / 2**20)
+            pending, size = {}, 0
+
+    for name in weights.names():
+        kind = weights.kind(name)
+        w = weights.tensor(name)
+        if kind == "bias":
+            items = {name: w.float()}
+        elif kind == "linear" and fmt == "fp8":
+            q, s = quantize_fp8_block(w)
+            items = {name: q, name[: -len("weight")] + "weight_scale_inv": s}
+        else:
+            items = {name: w.to(torch.bfloat16)}
+        for k, t in items.items():
+            pending[k] = t.contiguous()
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    n = len(shards)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{n:06d}.safetensors"
+        (folder / f"part-{i:05d}.safetensors").rename(folder / final)
+        weight_map.update({k: final for k in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hybrid_r1.synth", description=__doc__.split("\n\n")[0])
+    ap.add_argument("output", help="folder to write (must not exist unless --force)")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8"], help="bf16, or the DeepSeek FP8 release format")
+    ap.add_argument("--layers", type=int, help="num_hidden_layers")
+    ap.add_argument("--dense-layers", type=int, help="first_k_dense_replace")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config.json key")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-mb", type=int, default=512)
+    ap.add_argument("--no-tokenizer", action="store_true", help="do not copy the DeepSeek-R1 tokenizer files")
+    ap.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer's tensors")
+    ap.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    args = ap.parse_args(argv)
+    overrides = _parse_set(args.set)
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+    if args.dense_layers is not None:
+        overrides["first_k_dense_replace"] = args.dense_layers
+    if args.no_mtp:
+        overrides["num_nextn_predict_layers"] = 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = preset_config(args.preset, **overrides)
+        write_checkpoint(args.output, SyntheticWeights(cfg, args.seed), fmt=args.format, shard_mb=args.shard_mb,
+                         tokenizer=not args.no_tokenizer, force=args.force)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
