@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny synthetic checkpoints written once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybrid_r1.synth import SyntheticWeights, preset_config, write_checkpoint
+
+# A small vocabulary keeps the transformers reference fast; the real-vocabulary preset (with the
+# real tokenizer) is used where tokens must mean something.
+SMALL_VOCAB = 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    cfg = preset_config("tiny", vocab_size=SMALL_VOCAB)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", SyntheticWeights(cfg, seed=1), tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_noqlora_dir(tmp_path_factory):
+    cfg = preset_config("tiny", vocab_size=SMALL_VOCAB, q_lora_rank=None)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_noq", SyntheticWeights(cfg, seed=2), tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_dir(tmp_path_factory):
+    cfg = preset_config("tiny", vocab_size=SMALL_VOCAB)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_fp8", SyntheticWeights(cfg, seed=1), fmt="fp8",
+                            tokenizer=False, shard_mb=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    import hybrid_r1
+
+    return hybrid_r1.load(tiny_dir)
+
+
+def random_ids(n: int, vocab: int = SMALL_VOCAB, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
