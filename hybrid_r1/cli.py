@@ -42,6 +42,31 @@ def _generate(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    """Print what runs where under a rule file, without loading any weight."""
+    import torch
+
+    from .config import ModelConfig
+    from .loading import build, default_device_dtype
+    from .placement import apply, load_rules
+
+    cfg = ModelConfig.from_file(args.model) if args.model else None
+    if cfg is None:
+        from .synth import preset_config
+
+        cfg = preset_config("full-slice", num_hidden_layers=61, first_k_dense_replace=3)
+    device, dtype = default_device_dtype(args.device, None)
+    placed = apply(build(cfg), load_rules(args.rules), device, dtype)
+    groups: dict[tuple, list[str]] = {}
+    for p in placed:
+        key = (p.op or "(kept)", str(p.device), p.rule.where if p.rule else "")
+        groups.setdefault(key, []).append(p.path)
+    print(f"{'op':<22} {'device':<8} {'modules':>7}  example / rule")
+    for (op, dev, where), paths in groups.items():
+        print(f"{op:<22} {dev:<8} {len(paths):>7}  {paths[0]}  [{where}]")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hybrid-r1", description="DeepSeek-V3/R1 runtime")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -57,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--json", action="store_true", help="print one JSON object with the text and stats")
+    p = sub.add_parser("plan", help="show what runs where under a rule file (no weights loaded)")
+    p.add_argument("--rules", required=True)
+    p.add_argument("--model", help="checkpoint folder or config.json (default: the 671B config)")
+    p.add_argument("--device", help="default device (default: cuda if present)")
     sub.add_parser("synth", help="write a synthetic checkpoint (see python -m hybrid_r1.synth --help)", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "synth":
@@ -66,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return _generate(args)
+        return _plan(args) if args.command == "plan" else _generate(args)
     except HybridR1Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

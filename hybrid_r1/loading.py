@@ -18,6 +18,7 @@ from torch import nn
 from .errors import CheckpointError
 from .formats.safetensors import SafetensorsCheckpoint
 from .formats.source import WeightSource
+from . import placement
 from .model import DeepseekV3
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
     done = 0
     t0 = time.perf_counter()
 
-    def fetch(name: str, like: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+    def fetch(name: str, like: torch.Tensor, want: torch.dtype, device: torch.device) -> torch.Tensor:
         if not source.has(name):
             raise CheckpointError("tensor missing from the checkpoint", file=source.path, tensor=name)
         shape = tuple(source.shape(name))
@@ -64,27 +65,29 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
                                   file=_file_of(source, name), tensor=name)
         return source.tensor(name, want).to(device)
 
-    def visit(mod: nn.Module, prefix: str) -> None:
+    def visit(mod: nn.Module, prefix: str, device: torch.device) -> None:
         nonlocal done
         if mod is not module and hasattr(mod, "load_weights"):
             mod.load_weights(source, prefix.rstrip("."))
+            done += 1
             return
+        device = getattr(mod, "placement_device", device)  # set by placement rules
         fp32 = getattr(mod, "fp32_params", ())
         for pname, p in list(mod._parameters.items()):
             if p is not None:
-                t = fetch(prefix + pname, p, torch.float32 if pname in fp32 else dtype)
+                t = fetch(prefix + pname, p, torch.float32 if pname in fp32 else dtype, device)
                 mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
                 done += 1
         for bname, b in list(mod._buffers.items()):
             if b is not None and bname not in mod._non_persistent_buffers_set:
-                mod._buffers[bname] = fetch(prefix + bname, b, torch.float32 if bname in fp32 else dtype)
+                mod._buffers[bname] = fetch(prefix + bname, b, torch.float32 if bname in fp32 else dtype, device)
                 done += 1
         if progress is not None:
             progress(done)
         for cname, child in mod.named_children():
-            visit(child, f"{prefix}{cname}.")
+            visit(child, f"{prefix}{cname}.", device)
 
-    visit(module, "")
+    visit(module, "", device)
     log.info("loaded %d tensors from %s in %.1f s", done, source.path, time.perf_counter() - t0)
 
 
@@ -94,19 +97,39 @@ def _file_of(source: WeightSource, name: str) -> str:
 
 
 def load(path: str | Path, *, rules=None, dtype: torch.dtype | None = None,
-         device: str | torch.device | None = None, progress=None):
+         device: str | torch.device | None = None, quantize: str | None = None, progress=None):
     """Load a checkpoint and return a `Runtime` (see hybrid_r1.runtime).
 
-    With no rules every module runs on one device in one dtype: CPU float32, or CUDA bfloat16."""
+    rules: a rule file path, or a list of rule mappings (see hybrid_r1.placement). Without rules
+    every module runs on one device in one dtype (CPU float32, or CUDA bfloat16), except that an
+    INT8 checkpoint runs its INT8 linears as stored; quantize="block"|"channel" quantizes a BF16 or
+    FP8 checkpoint's linears to INT8 while loading."""
     from .runtime import Runtime
 
-    if rules is not None:
-        raise NotImplementedError("placement rules arrive with the rules-driven runtime")
     source = open_checkpoint(path)
     device, dtype = default_device_dtype(device, dtype)
     module = build(source.config)
+    if quantize not in (None, "block", "channel"):
+        raise ValueError(f"quantize must be None, 'block' or 'channel', got {quantize!r}")
+    if rules is None:
+        scheme = quantize or int8_scheme(source)
+        rule_list = placement.int8_rules(scheme, device) if scheme else []
+    elif quantize is not None:
+        raise ValueError("pass either rules or quantize: with rules, the rules choose the operators")
+    elif isinstance(rules, (str, Path)):
+        rule_list = placement.load_rules(rules)
+    else:
+        rule_list = placement.parse_rules(list(rules))
+    placements = placement.apply(module, rule_list, device, dtype)
     load_weights(module, source, device, dtype, progress)
-    return Runtime(module, source, _tokenizer_for(source))
+    return Runtime(module, source, _tokenizer_for(source), placements)
+
+
+def int8_scheme(source: WeightSource) -> str | None:
+    """'block' or 'channel' for an INT8 checkpoint, else None."""
+    detect = getattr(source, "quantization", None)
+    kind = detect() if detect else None
+    return {"int8_block": "block", "int8_channel": "channel"}.get(kind)
 
 
 def _tokenizer_for(source: WeightSource):

@@ -13,10 +13,11 @@ from .model import DeepseekV3
 
 
 class Runtime:
-    def __init__(self, module: DeepseekV3, source, tokenizer=None):
+    def __init__(self, module: DeepseekV3, source, tokenizer=None, placements=()):
         self.module = module
         self.source = source
         self.tokenizer = tokenizer
+        self.placements = list(placements)  # what the rules put where (hybrid_r1.placement.Placement)
 
     @property
     def config(self) -> ModelConfig:

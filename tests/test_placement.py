@@ -1,0 +1,90 @@
+"""Placement rules: parsing, first match wins, device inheritance, operator replacement, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hybrid_r1.loading import build
+from hybrid_r1.ops.linear_int8 import Int8BlockLinear
+from hybrid_r1.placement import RuleError, apply, load_rules, parse_rules
+from hybrid_r1.synth import preset_config
+
+RULES = Path(__file__).resolve().parent.parent / "rules"
+
+
+def meta_model():
+    return build(preset_config("tiny", vocab_size=64))
+
+
+def test_first_match_wins_and_devices_inherit():
+    model = meta_model()
+    rules = parse_rules([
+        {"name": r"\.kv_b_proj$", "device": "cpu:1"},
+        {"name": r"^model\.layers\.\d+\.", "class": "Linear", "op": "linear.int8_block"},
+        {"name": r"^model\.layers\.[23]\.", "device": "cpu:2"},
+    ])
+    placed = apply(model, rules, torch.device("cpu"), torch.float32)
+    attn = model.model.layers[2].self_attn
+    assert isinstance(attn.q_a_proj, Int8BlockLinear) and attn.q_a_proj.device == torch.device("cpu:2")
+    assert isinstance(model.model.layers[0].self_attn.o_proj, Int8BlockLinear)
+    assert model.model.layers[0].self_attn.o_proj.device == torch.device("cpu")
+    assert isinstance(attn.kv_b_proj, nn.Linear) and attn.kv_b_proj.placement_device == torch.device("cpu:1")
+    assert isinstance(model.lm_head, nn.Linear)  # outside the layers: untouched
+    assert model.model.layers[3].mlp.gate.placement_device == torch.device("cpu:2")
+    ops = {p.path: p.op for p in placed if p.op}
+    assert ops["model.layers.1.mlp.experts.7.down_proj"] == "linear.int8_block"
+    assert "model.layers.1.self_attn.kv_b_proj" not in ops
+
+
+def test_class_only_rule_and_op_type_check():
+    model = meta_model()
+    apply(model, parse_rules([{"class": "Experts", "device": "cpu:3"}]), torch.device("cpu"), torch.float32)
+    assert model.model.layers[1].mlp.experts[0].gate_proj.placement_device == torch.device("cpu:3")
+    with pytest.raises(RuleError, match=r"rules rule 1: op linear.int8_block replaces a Linear, but model.layers.0.mlp is a MLP"):
+        apply(meta_model(), parse_rules([{"name": r"mlp$", "op": "linear.int8_block"}]), torch.device("cpu"), torch.float32)
+    with pytest.raises(RuleError, match="bad args for linear.int8_block"):
+        apply(meta_model(), parse_rules([{"class": "Linear", "name": "o_proj", "op": "linear.int8_block",
+                                          "args": {"nonsense": 1}}]), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"name": "(", "op": "linear.int8_block"}, "bad regex"),
+    ({"name": "x", "op": "linear.fp4"}, "unknown op 'linear.fp4'"),
+    ({"name": "x", "devise": "cpu"}, "unknown key"),
+    ({"op": "linear.int8_block"}, "needs `name` or `class`"),
+    ({"name": "x", "device": "tpu:9"}, "bad device"),
+    ({"name": "x", "args": [1]}, "args must be a mapping"),
+])
+def test_bad_rules_name_the_rule(rule, message):
+    with pytest.raises(RuleError, match=f"my.yaml rule 2: .*{message}"):
+        parse_rules([{"name": "ok"}, rule], where="my.yaml")
+
+
+def test_rule_files(tmp_path):
+    for f in RULES.glob("*.yaml"):
+        assert load_rules(f)  # every shipped rule file parses
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- name: [unclosed\n")
+    with pytest.raises(RuleError, match="bad.yaml: not valid YAML"):
+        load_rules(bad)
+    with pytest.raises(RuleError, match="rule file not found"):
+        load_rules(tmp_path / "missing.yaml")
+    (tmp_path / "map.yaml").write_text("name: x\n")
+    with pytest.raises(RuleError, match="a YAML list"):
+        load_rules(tmp_path / "map.yaml")
+
+
+def test_default_rule_file_places_experts_on_cpu_and_rest_on_gpu():
+    model = meta_model()
+    placed = apply(model, load_rules(RULES / "int8-gpu-ggml-experts.yaml"), torch.device("cpu"), torch.bfloat16)
+    by_path = {p.path: p for p in placed}
+    assert by_path["model.layers.1.mlp.experts"].op == "experts.ggml_cpu"
+    assert by_path["model.layers.1.mlp.experts"].device == torch.device("cpu")
+    assert by_path["model.layers.0.mlp.gate_proj"].op == "linear.int8_block"
+    assert by_path["model.layers.0.mlp.gate_proj"].device == torch.device("cuda")
+    assert by_path["model.layers.2.self_attn.kv_b_proj"].op is None
+    assert model.lm_head.placement_device == torch.device("cuda")
