@@ -1,0 +1,8 @@
+"""Triton INT8 W8A8 kernels for the Meituan block / channel formats (imported as hybrid_r1_kernels).
+
+act_quant.py    per-token-group and per-token activation quantizers
+int8_gemm.py    the W8A8 GEMM (block or channel scales, split-K, fused quant, fused SiLU*up)
+int8_linear.py  public wrappers: int8_{block,channel}_linear, int8_{block,channel}_gate_up
+configs.py      tile configs: tuned tables in configs/*.json, heuristic default
+reference.py    the same math in plain torch (CPU fallback, test reference); no Triton import
+"""

@@ -1,0 +1,124 @@
+"""Tile configs for the INT8 GEMM: tuned tables per GPU arch in configs/int8_<scheme>_<arch>.json
+(written by benchmarks/tune_int8.py), looked up by (N, K, gate_up fusion, M bucket); a heuristic
+default where no table or shape matches. Nothing is tuned at run time, so the first call of a shape
+compiles one kernel instead of running an autotune sweep.
+
+File format: {"meta": {...who tuned, where}, "configs": {"<key>": {"<M bucket>": {config}}}} with
+key "N,K" or "glu,N,K" (N = output columns) and each config the fields of GemmConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_extra: dict[tuple[str, str], dict] = {}  # tables registered at run time (tuner, benchmarks)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int = 64
+    BLOCK_N: int = 128
+    BLOCK_K: int = 128
+    GROUP_M: int = 8
+    SPLIT_K: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    FUSED: bool = False  # the linear wrappers quantize the activation inside the GEMM
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemmConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown GEMM config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def m_bucket(M: int) -> int:
+    return next((b for b in M_BUCKETS if b >= M), M_BUCKETS[-1])
+
+
+def shape_key(N: int, K: int, glu: bool) -> str:
+    return f"glu,{N},{K}" if glu else f"{N},{K}"
+
+
+def arch_of(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _file_table(scheme: str, arch: str) -> dict:
+    path = CONFIG_DIR / f"int8_{scheme}_{arch}.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["configs"]
+
+
+def register_configs(scheme: str, arch: str, table: dict) -> None:
+    """Use `table` ({"configs": ...} or the inner mapping) ahead of the shipped file for this process."""
+    _extra[(scheme, arch)] = table.get("configs", table)
+    _lookup.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return 132, 227 * 1024
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024
+    return props.multi_processor_count, smem
+
+
+def default_config(scheme: str, N: int, K: int, M: int, glu: bool, device: torch.device) -> GemmConfig:
+    """Heuristic where no tuned table matches: the tile shapes that won most often in the H100 tuning
+    run (kernels/configs/int8_*_sm90.json), stages sized from the device's shared memory."""
+    sms, smem = device_limits(device)
+    block = scheme == "block"
+    if M <= 16:  # decode: thin tiles, split-K below fills the SMs
+        bm, bn, bk, warps = 16, 64 if block else 32, 128 if block else 256, 4
+    elif M <= 64:
+        bm, bn, bk, warps = 32, 64, 128, 4
+    elif M <= 256 or (block and M <= 1024):
+        bm, bn, bk, warps = 64, 128, 128, 4
+    elif block:
+        bm, bn, bk, warps = 128, 128, 128, 8  # 8 warps: with 4, acc + dot tile spill
+    else:
+        bm, bn, bk, warps = 128, 256, 128, 8
+    stage_bytes = bm * bk + bn * bk * (2 if glu else 1)
+    stages = max(2, min(4, (smem - 8192) // stage_bytes))
+    split = 1
+    tiles = -(-M // bm) * -(-N // bn)
+    if tiles < sms:
+        # Fill about two waves, keeping at least 4 K tiles per split so the pipeline has depth.
+        split = max(1, min(-(-2 * sms // tiles), K // bk // 4, 16))
+    # Fusing the activation quant re-quantizes A in every N tile: it lost almost everywhere when
+    # tuned, so the default quantizes once, separately.
+    return GemmConfig(bm, bn, bk, 8, split, warps, stages, False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(scheme: str, N: int, K: int, bucket: int, glu: bool, device: torch.device) -> GemmConfig:
+    arch = arch_of(device)
+    key = shape_key(N, K, glu)
+    for table in (_extra.get((scheme, arch), {}), _file_table(scheme, arch)):
+        entry = table.get(key)
+        if entry:
+            buckets = sorted(int(b) for b in entry)
+            b = next((x for x in buckets if x >= bucket), buckets[-1])
+            return GemmConfig.from_dict(entry[str(b)])
+    return default_config(scheme, N, K, bucket, glu, device)
+
+
+def get_config(scheme: str, N: int, K: int, M: int, glu: bool, device: torch.device) -> GemmConfig:
+    if scheme not in ("block", "channel"):
+        raise ValueError(f"scheme must be 'block' or 'channel', got {scheme!r}")
+    return _lookup(scheme, N, K, m_bucket(M), glu, device)
