@@ -168,11 +168,71 @@ class SafetensorsCheckpoint:
     def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
         return None
 
+    def quantization(self) -> str | None:
+        """How the linears are stored: see detect_quantization (computed once)."""
+        if not hasattr(self, "_quantization"):
+            self._quantization = detect_quantization(self)
+        return self._quantization
+
     def _shard(self, name: str) -> _Shard:
         try:
             return self._where[name]
         except KeyError:
             raise CheckpointError("tensor not found in the checkpoint", file=self.path, tensor=name) from None
+
+
+# quantization_config.quant_method -> what the tensors hold
+QUANT_METHODS = {"fp8": "fp8", "blockwise_int8": "int8_block", "w8a8_int8": "int8_channel"}
+
+
+def detect_quantization(ckpt: SafetensorsCheckpoint) -> str | None:
+    """How the linear weights are stored: "fp8" (DeepSeek release), "int8_block", "int8_channel"
+    (Meituan releases) or None (unquantized).
+
+    Read from the tensors (a float8 or int8 `.weight` and its scale companion), checked against
+    config.json's quantization_config when there is one: Meituan's Channel-INT8 config.json has
+    none, so the tensors are the only evidence there."""
+    kinds: dict[str, str] = {}  # kind -> first weight seen with it
+    for name in ckpt.names():
+        if not name.endswith(".weight"):
+            continue
+        dtype = ckpt.dtype(name)
+        if dtype not in (torch.float8_e4m3fn, torch.int8):
+            continue
+        stem, rows = name[: -len("weight")], ckpt.shape(name)[0]
+        if dtype == torch.float8_e4m3fn:
+            kind = "fp8" if ckpt.has(stem + "weight_scale_inv") else None
+        elif ckpt.has(stem + "weight_scale_inv"):
+            kind = "int8_block"
+        elif ckpt.has(stem + "weight_scale") and ckpt.shape(stem + "weight_scale") in ((rows, 1), (rows,)):
+            kind = "int8_channel"
+        else:
+            kind = None
+        if kind is None:
+            raise CheckpointError(f"{dtype} weight without a weight_scale_inv or a [N, 1] weight_scale",
+                                  file=ckpt.file_of(name), tensor=name)
+        kinds.setdefault(kind, name)
+    if len(kinds) > 1:
+        found = ", ".join(f"{k} ({n})" for k, n in kinds.items())
+        raise CheckpointError(f"the checkpoint mixes quantization formats: {found}", file=ckpt.path)
+    from_tensors = next(iter(kinds), None)
+    qc = ckpt.config.quantization_config
+    if not qc:
+        return from_tensors
+    config_file = str(ckpt.root / "config.json")
+    method = qc.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise CheckpointError(f"quantization_config.quant_method {method!r} is not supported "
+                              f"(known: {', '.join(QUANT_METHODS)})", file=config_file)
+    from_config = QUANT_METHODS[method]
+    block = list(qc.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK]))
+    if from_config in ("fp8", "int8_block") and block != [FP8_BLOCK, FP8_BLOCK]:
+        raise CheckpointError(f"weight_block_size {qc['weight_block_size']} is not supported (only [128, 128])",
+                              file=config_file)
+    if from_tensors != from_config:
+        seen = f"{from_tensors} weights (e.g. {kinds[from_tensors]})" if from_tensors else "no quantized weight"
+        raise CheckpointError(f"quantization_config says {method!r} but the tensors hold {seen}", file=config_file)
+    return from_config
 
 
 def dequant_block(q: torch.Tensor, scale: torch.Tensor, *, name: str = "", file: str | None = None,
