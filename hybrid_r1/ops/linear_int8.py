@@ -9,6 +9,7 @@ per token), rounding to nearest even unless the rule says `rounding: trunc`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
@@ -29,6 +30,7 @@ class Int8Linear(nn.Module):
         self.device, self.dtype, self.rounding = torch.device(device), dtype, rounding
         self.weight: torch.Tensor | None = None  # int8 [N, K]
         self.weight_scale: torch.Tensor | None = None  # fp32, layout per scheme
+        self._cpu_dense: torch.Tensor | None = None  # fp32 dequantized weight, CPU path only
 
     @classmethod
     def from_module(cls, module: nn.Linear, device, dtype, **args) -> "Int8Linear":
@@ -65,11 +67,28 @@ class Int8Linear(nn.Module):
             from hybrid_r1_kernels import int8_linear
 
             fn = int8_linear.int8_block_linear if self.scheme == "block" else int8_linear.int8_channel_linear
-        else:
-            from hybrid_r1_kernels import reference
+            return fn(x, self.weight, self.weight_scale, rounding=self.rounding, out_dtype=x.dtype)
+        return self._cpu_forward(x)
 
-            fn = reference.block_linear_ref if self.scheme == "block" else reference.channel_linear_ref
-        return fn(x, self.weight, self.weight_scale, rounding=self.rounding, out_dtype=x.dtype)
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same W8A8 function on the CPU: quantize-dequantize the activation exactly as the
+        kernels do, then one matmul with the dequantized weight (kept after the first call). Each
+        int8 tile product is exact in fp32 either way; only the order of the fp32 sums differs."""
+        from hybrid_r1_kernels.reference import act_quant_ref
+
+        if self._cpu_dense is None:
+            from ..formats.safetensors import dequant_int8
+
+            self._cpu_dense = dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale})
+        group = 128 if self.scheme == "block" else None
+        q, s = act_quant_ref(x, group, self.rounding)
+        g = group or x.shape[-1]
+        xq = (q.float().unflatten(-1, (-1, g)) if x.shape[-1] % g == 0 else None)
+        if xq is None:  # a partial last group: expand the scales instead of reshaping
+            xd = q.float() * s.repeat_interleave(g, -1)[..., : x.shape[-1]]
+        else:
+            xd = (xq * s[..., None]).flatten(-2)
+        return F.linear(xd, self._cpu_dense).to(x.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         """Dequantized [N, K] weight in the run dtype (the absorbed attention reads kv_b_proj so)."""
