@@ -1,0 +1,543 @@
+"""llama.cpp GGUF files of architecture `deepseek2` (DeepSeek-V3/R1), single or split, old or new layout.
+
+    ckpt = GGUFCheckpoint("DeepSeek-R1-Q4_K_M-00001-of-00009.gguf")   # any shard of a split set
+    ckpt.config                                   # ModelConfig from the metadata (fallbacks below)
+    ckpt.tensor("model.layers.0.self_attn.kv_b_proj.weight", torch.bfloat16)   # HF name, dequantized
+    ckpt.ggml_experts(3)["gate"].expert(5)        # raw ggml blocks of one expert, a view of the mmap
+
+Every shard is memory-mapped copy-on-write by gguf-py's reader; its tensor table is checked before
+any view is made (type known, offset aligned, data inside the file), so a bad file fails on open
+with a CheckpointError naming the shard and the tensor, not later with a bare ValueError.
+
+Metadata older files lack, and what stands in (metadata always wins; `config_json` is an optional
+HF config.json, a path or a dict, consulted only for these):
+- expert_group_count / expert_group_used_count (absent before Sep 2025): config.json's n_group /
+  topk_group, else 1 / 1 with a warning (routing over all experts, as llama.cpp did then).
+- expert_gating_func (absent in V2-era files): config.json's scoring_func, else sigmoid if the file
+  has exp_probs_b router biases (only V3-style noaux_tc routers have them, and they are sigmoid),
+  else softmax (llama.cpp's own default for such files); a warning either way.
+- topk_method has no key: noaux_tc if the file has exp_probs_b, else group_limited_greedy with
+  expert groups, else greedy.
+- expert_weights_norm / expert_weights_scale: config.json, else false / 1.0 (llama.cpp's defaults).
+- head dims: `attention.key_length_mla` / `value_length_mla` (new files), else `key_length` /
+  `value_length` (old files: the real dims); a new-layout file without `_mla` keys takes them from
+  attn_k_b / attn_v_b.
+- YaRN: mscale_all_dim = rope.scaling.yarn_log_multiplier / 0.1; mscale = mscale_all_dim (GGUF
+  stores one number; llama.cpp assumes the two equal); beta_fast / beta_slow default 32 / 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from . import names as N
+from .ggml_tensor import GGMLTensor
+
+log = logging.getLogger(__name__)
+
+ARCH = "deepseek2"
+SPLIT_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf\Z")
+HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+# types gguf-py hands out as typed numpy arrays (all others as uint8 blocks, BF16 included)
+PLAIN_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.F64: torch.float64, QT.I8: torch.int8,
+               QT.I16: torch.int16, QT.I32: torch.int32, QT.I64: torch.int64}
+KV_B = "kv_b"  # an HF index entry rebuilt from attn_k_b + attn_v_b
+GATING = {1: "softmax", 2: "sigmoid"}
+
+
+class _Shard(gguf.GGUFReader):
+    """gguf-py's reader, made to check the tensor table before it builds views (it would raise a bare
+    ValueError without the tensor's name, or spin on a corrupt array length), and to read metadata
+    arrays fast: gguf-py makes numpy views per element, ~10 s for DeepSeek's 129k-token vocabulary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+        super().__init__(path, mode="c")  # copy-on-write: torch may view it, the file never changes
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if int(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I" or sys.byteorder != "little":
+            return super()._get_field_parts(orig_offs, raw_type)
+        head = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        sub, n = GGUFValueType(int(head[0][0])), int(head[1][0])
+        if n > self.size - orig_offs:  # every element takes >= 1 byte
+            raise ValueError(f"metadata array of {n} elements at offset {orig_offs} exceeds the file")
+        start = orig_offs + 12
+        if sub == GGUFValueType.STRING:  # same parts as gguf-py: [type, count, (length, bytes) * n]
+            base = self.data.view(np.ndarray)
+            parts, idx, o = [head[0], head[1]], [], start
+            for _ in range(n):
+                (length,) = struct.unpack_from("<Q", base, o)
+                if o + 8 + length > self.size:
+                    raise ValueError(f"metadata string at offset {o} runs past the end of the file")
+                parts += [base[o:o + 8].view(np.uint64), base[o + 8:o + 8 + length]]
+                idx.append(len(parts) - 1)
+                o += 8 + length
+            return o - orig_offs, parts, idx, [GGUFValueType.ARRAY, sub]
+        if sub in self.gguf_scalar_to_np:  # one view for the whole array; contents() flattens it alike
+            arr = self._get(start, self.gguf_scalar_to_np[sub], n)
+            if len(arr) != n:
+                raise ValueError(f"metadata array at offset {orig_offs} runs past the end of the file")
+            return 12 + arr.nbytes, [head[0], head[1], arr], [2], [GGUFValueType.ARRAY, sub]
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _build_tensors(self, start_offs, fields):
+        seen = set()
+        for f in fields:
+            name = self._check_tensor(start_offs, f)
+            if name in seen:
+                raise CheckpointError("tensor listed twice in the header", file=str(self.path), tensor=name)
+            seen.add(name)
+        super()._build_tensors(start_offs, fields)
+
+    def _check_tensor(self, start: int, field) -> str:
+        _, name_bytes, _, dims, raw_type, offset = field.parts
+        name = bytes(name_bytes).decode("utf-8", errors="replace")
+
+        def bad(msg: str) -> CheckpointError:
+            return CheckpointError(msg, file=str(self.path), tensor=name)
+
+        try:
+            qtype = QT(int(raw_type[0]))
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise bad(f"unknown ggml type id {int(raw_type[0])}") from None
+        ne = [int(d) for d in dims]
+        if not 1 <= len(ne) <= 4 or min(ne) < 1:
+            raise bad(f"invalid shape ne={ne}")
+        if ne[0] % block:
+            raise bad(f"rows of {ne[0]} elements are not whole {qtype.name} blocks of {block}")
+        nbytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
+        off = int(offset[0])
+        if off % self.alignment:
+            raise bad(f"data offset {off} is not aligned to {self.alignment} bytes")
+        begin = start + off
+        if begin >= self.size:
+            raise bad(f"data offset {begin} is past the end of the file ({self.size} bytes)")
+        if begin + nbytes > self.size:
+            raise bad(f"data ends at byte {begin + nbytes}, past the end of the file ({self.size} bytes): truncated?")
+        return name
+
+
+def _open(path: Path) -> _Shard:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise CheckpointError("file not found", file=str(path)) from None
+    if head[:4] != b"GGUF":
+        raise CheckpointError(f"not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')", file=str(path))
+    if len(head) < HEADER_BYTES:
+        raise CheckpointError("truncated GGUF header", file=str(path))
+    try:
+        return _Shard(path)
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt or truncated GGUF header ({type(e).__name__}: {e})", file=str(path)) from None
+
+
+def _value(field) -> Any:
+    v = field.contents()
+    if field.types == [GGUFValueType.FLOAT32]:  # back to the decimal that was written: 1e-06, not 9.99e-07
+        v = float(str(np.float32(v)))
+    return v
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where an HF tensor lives: one GGUF tensor (or one expert of it), or attn_k_b + attn_v_b."""
+
+    kind: str  # N.SAME, N.EXPERTS or KV_B
+    parts: tuple[str, ...]
+    shape: tuple[int, ...]  # HF orientation
+    expert: int | None = None
+
+
+class GGUFCheckpoint:
+    """A deepseek2 GGUF file or split set. Implements WeightSource (HF names, see names.py).
+
+    raw(name) hands out float tensors (F32/F16/BF16) as stored; for ggml-quantized ones it raises:
+    their bytes are ggml blocks, reachable with ggml_tensor(gguf_name) / ggml_experts(layer)."""
+
+    def __init__(self, path: str | Path, *, config_json: str | Path | dict | None = None):
+        self.path = str(path)
+        first = Path(path)
+        if not first.is_file():
+            raise CheckpointError("file not found", file=self.path)
+        m = SPLIT_NAME.match(first.name)
+        if m and int(m["no"]) != 1:  # any shard names the set; metadata lives in the first
+            first = first.with_name(f"{m['prefix']}-00001-of-{m['count']}.gguf")
+        shards = [_open(first)]
+        self.metadata: dict[str, Any] = _metadata(shards[0])
+        shards += [_open(p) for p in self._other_shards(first, m)]
+        self.shards = shards
+        self.files = [str(s.path) for s in shards]
+        self._tensors = self._merge(shards)
+        arch = self.metadata.get("general.architecture")
+        if arch != ARCH:
+            raise CheckpointError(f"architecture {arch!r} is not supported (only {ARCH})", file=self.files[0])
+        ne = {name: tuple(int(x) for x in t.shape) for name, (_, t) in self._tensors.items()}
+        self.layout = detect_layout(ne, self.metadata)
+        self.config = config_from_metadata(self.metadata, ne, source=self.files[0], config_json=config_json)
+        self._check_expected(ne)
+        self._hf = self._index(ne)
+
+    # ---- opening ---------------------------------------------------------------------------
+    def _other_shards(self, first: Path, m: re.Match | None) -> list[Path]:
+        count = int(self.metadata.get("split.count", 1))
+        named = int(m["count"]) if m else 1
+        if count != named:
+            raise CheckpointError(f"split.count is {count} but the file name is not NAME-00001-of-{count:05d}.gguf"
+                                  if not m else f"split.count is {count} but the file name says {named} shard(s)",
+                                  file=str(first))
+        paths = [first.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)] if m else []
+        for i, p in enumerate(paths, start=2):
+            if not p.is_file():
+                raise CheckpointError(f"shard {i} of {count} is missing", file=str(p))
+        return paths
+
+    def _merge(self, shards: list[_Shard]) -> dict[str, tuple[_Shard, Any]]:
+        tensors: dict[str, tuple[_Shard, Any]] = {}
+        count = len(shards)
+        for i, s in enumerate(shards):
+            if count > 1:
+                no, cnt = _field(s, "split.no"), _field(s, "split.count")
+                if no != i or cnt != count:
+                    raise CheckpointError(f"split.no/split.count are {no}/{cnt}, expected {i}/{count}", file=str(s.path))
+            for t in s.tensors:
+                if t.name in tensors:
+                    other, o = tensors[t.name]
+                    what = ("shape/type mismatch between shards: "
+                            f"{o.tensor_type.name} ne={list(map(int, o.shape))} in {other.path.name}, "
+                            f"{t.tensor_type.name} ne={list(map(int, t.shape))} here"
+                            if (o.tensor_type, list(o.shape)) != (t.tensor_type, list(t.shape))
+                            else f"tensor is also in {other.path.name}")
+                    raise CheckpointError(what, file=str(s.path), tensor=t.name)
+                tensors[t.name] = (s, t)
+        want = self.metadata.get("split.tensors.count")
+        if want is not None and want != len(tensors):
+            raise CheckpointError(f"the shards hold {len(tensors)} tensors but split.tensors.count is {want}: "
+                                  "a shard is incomplete", file=str(shards[0].path))
+        return tensors
+
+    def _check_expected(self, ne: dict[str, tuple[int, ...]]) -> None:
+        bias = any(n.endswith(".exp_probs_b.bias") for n in ne)
+        for name, want in N.expected_tensors(self.config, self.layout, router_bias=bias):
+            if name not in ne:
+                raise CheckpointError("tensor missing from the file(s)", file=", ".join(self.files), tensor=name)
+            if ne[name] != want:
+                raise CheckpointError(f"ne={list(ne[name])} does not match the metadata (expected {list(want)})",
+                                      file=self._file(name), tensor=name)
+
+    def _index(self, ne: dict[str, tuple[int, ...]]) -> dict[str, _Entry]:
+        hf: dict[str, _Entry] = {}
+        for name, shape in ne.items():
+            m = N.match_gguf(name)
+            if m is None:
+                log.debug("%s: tensor %s is outside the deepseek2 name table", self.path, name)
+            elif m.kind == N.SAME:  # attn_kv_b included: a new-layout file has none
+                hf[m.hf()] = _Entry(N.SAME, (name,), shape[::-1])
+            elif m.kind == N.EXPERTS:
+                for e in range(shape[2]):
+                    hf[m.hf(e)] = _Entry(N.EXPERTS, (name,), shape[1::-1], e)
+            elif m.kind == N.K_B and self.layout == N.NEW and (v_name := name.replace("attn_k_b", "attn_v_b")) in ne:
+                nope, kvr, heads = shape
+                hf[m.hf()] = _Entry(KV_B, (name, v_name), (heads * (nope + ne[v_name][1]), kvr))
+        return hf
+
+    # ---- WeightSource ----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._hf)
+
+    def has(self, name: str) -> bool:
+        return name in self._hf
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def file_of(self, name: str) -> str:
+        return self._file(self._entry(name).parts[0])
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        e = self._entry(name)
+        if e.kind == KV_B:
+            t = self._kv_b(e)
+        else:
+            t = self._numeric(e.parts[0], e.expert)
+        return t if t.dtype == dtype else t.to(dtype)
+
+    def raw(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        e = self._entry(name)
+        if e.kind == KV_B:
+            raise CheckpointError("stored split per head as attn_k_b / attn_v_b (new GGUF layout): use tensor()",
+                                  file=self.file_of(name), tensor=name)
+        qtype = self._tensors[e.parts[0]][1].tensor_type
+        if qtype not in PLAIN_TYPES and qtype != QT.BF16:
+            raise CheckpointError(f"stored as ggml {qtype.name} blocks: use tensor() to dequantize or "
+                                  f"ggml_tensor({e.parts[0]!r}) for the blocks", file=self.file_of(name), tensor=name)
+        return self._numeric(e.parts[0], e.expert), {}
+
+    def ggml_experts(self, layer: int) -> dict[str, GGMLTensor]:
+        out = {}
+        for role, template in N.EXPERT_ROLES.items():
+            name = template.replace("{L}", str(layer))
+            if name not in self._tensors:
+                raise CheckpointError(f"layer {layer} has no routed experts", file=", ".join(self.files), tensor=name)
+            out[role] = self.ggml_tensor(name)
+        return out
+
+    # ---- GGUF-side access ------------------------------------------------------------------
+    def gguf_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def ggml_tensor(self, gguf_name: str) -> GGMLTensor:
+        """Any tensor's stored bytes as a read-only view of the mmap: uint8 (*reversed(ne[1:]), row_bytes)."""
+        shard, t = self._gguf(gguf_name)
+        data = t.data if t.data.dtype == np.uint8 else t.data.view(np.uint8)
+        view = data.view()
+        view.flags.writeable = False  # operators read ggml blocks in place; nothing may write them
+        return GGMLTensor(gguf_name, str(shard.path), int(t.tensor_type), tuple(int(x) for x in t.shape), view)
+
+    def tokenizer_metadata(self) -> dict[str, Any]:
+        """The `tokenizer.*` metadata: ggml.model/pre/tokens/merges/token_type, special ids, chat_template."""
+        return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
+
+    def tokenizer(self):
+        """A hybrid_r1 Tokenizer built from the metadata, for when no tokenizer.json is at hand."""
+        return tokenizer_from_metadata(self.metadata, source=self.files[0])
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._hf[name]
+        except KeyError:
+            raise CheckpointError("tensor not found in the GGUF file(s)", file=self.path, tensor=name) from None
+
+    def _gguf(self, gguf_name: str):
+        try:
+            return self._tensors[gguf_name]
+        except KeyError:
+            raise CheckpointError("tensor not found in the GGUF file(s)", file=self.path, tensor=gguf_name) from None
+
+    def _file(self, gguf_name: str) -> str:
+        return str(self._gguf(gguf_name)[0].path)
+
+    def _numeric(self, gguf_name: str, expert: int | None = None) -> torch.Tensor:
+        """Values in HF orientation: a view for F32/F16/BF16 and integer types, dequantized otherwise."""
+        shard, t = self._gguf(gguf_name)
+        data = t.data if expert is None else t.data[expert]
+        if t.tensor_type in PLAIN_TYPES:
+            return torch.from_numpy(data)
+        if t.tensor_type == QT.BF16:  # gguf-py hands BF16 out as bytes (…, 2*ne0)
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+        try:
+            return torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type))
+        except NotImplementedError:
+            raise CheckpointError(f"gguf-py cannot dequantize ggml type {t.tensor_type.name}",
+                                  file=str(shard.path), tensor=gguf_name) from None
+
+    def _kv_b(self, e: _Entry) -> torch.Tensor:
+        k_b = self._numeric(e.parts[0]).float()  # [H, kv_lora, nope] = W_UK^T per head
+        v_b = self._numeric(e.parts[1]).float()  # [H, v, kv_lora]
+        return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(e.shape)
+
+
+def _metadata(shard: _Shard) -> dict[str, Any]:
+    try:
+        return {k: _value(f) for k, f in shard.fields.items() if not k.startswith("GGUF.")}
+    except (UnicodeDecodeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"unreadable metadata ({type(e).__name__}: {e})", file=str(shard.path)) from None
+
+
+def _field(shard: _Shard, key: str) -> Any:
+    f = shard.fields.get(key)
+    return None if f is None else _value(f)
+
+
+# ---- metadata -> ModelConfig -----------------------------------------------------------------
+def detect_layout(ne: dict[str, tuple[int, ...]], meta: dict[str, Any]) -> str:
+    """'old' (attn_kv_b) or 'new' (attn_k_b / attn_v_b). Files carrying both use attn_kv_b."""
+    if any(".attn_kv_b." in n for n in ne):
+        return N.OLD
+    if any(".attn_k_b." in n for n in ne):
+        return N.NEW
+    return N.NEW if f"{ARCH}.attention.key_length_mla" in meta else N.OLD
+
+
+class _Meta:
+    """`deepseek2.*` metadata lookups that name the missing key."""
+
+    def __init__(self, meta: dict[str, Any], source: str | None):
+        self.meta, self.source = meta, source
+
+    def __contains__(self, key: str) -> bool:
+        return f"{ARCH}.{key}" in self.meta
+
+    def __call__(self, key: str, default: Any = ConfigError) -> Any:
+        full = f"{ARCH}.{key}"
+        if full in self.meta:
+            return self.meta[full]
+        if default is ConfigError:
+            raise ConfigError(f"metadata key {full} is missing", self.source)
+        return default
+
+
+def config_from_metadata(meta: dict[str, Any], ne: dict[str, tuple[int, ...]], *, source: str | None = None,
+                         config_json: str | Path | dict | None = None) -> ModelConfig:
+    """ModelConfig from deepseek2 metadata and the file's tensor shapes (GGUF name -> ne); see the
+    module docstring for the fallbacks."""
+    hf = _read_config_json(config_json)
+    get = _Meta(meta, source)
+    router_bias = any(n.endswith(".exp_probs_b.bias") for n in ne)
+    heads, rope_dim = get("attention.head_count"), get("rope.dimension_count")
+    qk, v = _head_dims(get, ne, detect_layout(ne, meta), rope_dim)
+    n_layers, nextn = get("block_count"), get("nextn_predict_layers", 0)
+    d = dict(
+        vocab_size=get("vocab_size", ne.get("token_embd.weight", (0, None))[1]),
+        hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length", 0),
+        moe_intermediate_size=get("expert_feed_forward_length", 0), num_hidden_layers=n_layers - nextn,
+        num_nextn_predict_layers=nextn, num_attention_heads=heads, num_key_value_heads=heads,
+        q_lora_rank=get("attention.q_lora_rank", None), kv_lora_rank=get("attention.kv_lora_rank"),
+        qk_nope_head_dim=qk - rope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v,
+        n_routed_experts=get("expert_count"), num_experts_per_tok=get("expert_used_count"),
+        n_shared_experts=get("expert_shared_count", 0),
+        routed_scaling_factor=get("expert_weights_scale", hf.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(get("expert_weights_norm", hf.get("norm_topk_prob", False))),
+        first_k_dense_replace=get("leading_dense_block_count", 0),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(get, hf), max_position_embeddings=get("context_length"),
+        tie_word_embeddings="output.weight" not in ne,
+        **_routing(get, hf, router_bias),
+    )
+    for key, hf_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+        if key in meta:
+            d[hf_key] = meta[key]
+    return ModelConfig.from_hf_dict(d, source=source)
+
+
+def _head_dims(get: _Meta, ne: dict[str, tuple[int, ...]], layout: str, rope_dim: int) -> tuple[int, int]:
+    """(qk head dim, v head dim): new files keep them in the `_mla` keys (key_length is then the MQA
+    width kv_lora + rope); old files in key_length / value_length."""
+    if "attention.key_length_mla" in get:
+        return get("attention.key_length_mla"), get("attention.value_length_mla")
+    k_b, v_b = ne.get("blk.0.attn_k_b.weight"), ne.get("blk.0.attn_v_b.weight")
+    if layout == N.NEW and k_b and v_b:
+        log.info("%s: no key_length_mla/value_length_mla; head dims from attn_k_b/attn_v_b", get.source)
+        return k_b[0] + rope_dim, v_b[1]
+    return get("attention.key_length"), get("attention.value_length")
+
+
+def _routing(get: _Meta, hf: dict, router_bias: bool) -> dict[str, Any]:
+    """scoring_func, n_group, topk_group, topk_method, with the fallbacks of the module docstring."""
+    gating = get("expert_gating_func", None)
+    if gating is not None:
+        if gating not in GATING:
+            raise ConfigError(f"expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)", get.source)
+        scoring = GATING[gating]
+    elif "scoring_func" in hf:
+        scoring = hf["scoring_func"]
+    else:
+        scoring = "sigmoid" if router_bias else "softmax"
+        log.warning("%s: no expert_gating_func in the metadata; using %s (%s)", get.source, scoring,
+                    "the file has exp_probs_b router biases" if router_bias else "llama.cpp's default for such files")
+    n_group, topk_group = get("expert_group_count", None), get("expert_group_used_count", None)
+    if n_group is None or topk_group is None:
+        if "n_group" in hf and "topk_group" in hf:
+            n_group, topk_group = hf["n_group"], hf["topk_group"]
+        else:
+            n_group, topk_group = 1, 1
+            log.warning("%s: no expert_group_count/expert_group_used_count in the metadata (file older than "
+                        "Sep 2025) and no config.json given: routing over all experts without groups", get.source)
+    method = "noaux_tc" if router_bias else "group_limited_greedy" if n_group > 1 else "greedy"
+    return dict(scoring_func=scoring, n_group=int(n_group), topk_group=int(topk_group), topk_method=method)
+
+
+def _rope_scaling(get: _Meta, hf: dict) -> dict | None:
+    rope_type = get("rope.scaling.type", None)
+    if rope_type in (None, "none"):
+        return None
+    if rope_type != "yarn":
+        raise ConfigError(f"rope scaling {rope_type!r} is not supported (only yarn)", get.source)
+    hf_rope = hf.get("rope_scaling") or {}
+    mscale_all_dim = round(get("rope.scaling.yarn_log_multiplier", 0.0) / 0.1, 6)  # stored as 0.1 * mscale_all_dim
+    return dict(type="yarn", factor=get("rope.scaling.factor"),
+                original_max_position_embeddings=get("rope.scaling.original_context_length"),
+                beta_fast=get("rope.scaling.yarn_beta_fast", hf_rope.get("beta_fast", 32.0)),
+                beta_slow=get("rope.scaling.yarn_beta_slow", hf_rope.get("beta_slow", 1.0)),
+                mscale=mscale_all_dim, mscale_all_dim=mscale_all_dim)
+
+
+def _read_config_json(config_json: str | Path | dict | None) -> dict:
+    if config_json is None or isinstance(config_json, dict):
+        return dict(config_json or {})
+    p = Path(config_json)
+    p = p / "config.json" if p.is_dir() else p
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError("config.json not found", str(p)) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"not valid JSON: {e}", str(p)) from None
+    if not isinstance(d, dict):
+        raise ConfigError("expected a JSON object", str(p))
+    return d
+
+
+# ---- metadata -> tokenizer -------------------------------------------------------------------
+# DeepSeek-V3's pre-tokenizer (tokenizer.ggml.pre "deepseek-v3"), as its tokenizer.json states it.
+DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+|"
+    " ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+TOKEN_CONTROL, TOKEN_USER_DEFINED = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], source: str | None = None):
+    """hybrid_r1 Tokenizer from gpt2-BPE `tokenizer.*` metadata (pre-tokenizer deepseek-v3)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from ..tokenizer import Tokenizer
+
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "deepseek-v3":
+        raise CheckpointError(f"tokenizer {model!r}/{pre!r} in the metadata is not supported (gpt2/deepseek-v3): "
+                              "give a tokenizer.json", file=source)
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    added = [i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    vocab = {t: i for i, t in enumerate(tokens)}  # added tokens too: add_tokens() then keeps their ids
+    tk = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in DEEPSEEK_V3_SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    # added tokens are matched whole before BPE runs; CONTROL ones are special (skipped when decoding)
+    tk.add_tokens([tokenizers.AddedToken(tokens[i], special=types[i] == TOKEN_CONTROL, normalized=False) for i in added])
+    for i in added:
+        if tk.token_to_id(tokens[i]) != i:
+            raise CheckpointError(f"token {i} ({tokens[i]!r}) does not get its own id back", file=source)
+    config: dict[str, Any] = {"add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False))}
+    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")):
+        i = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if i is not None and 0 <= i < len(tokens):
+            config[key] = tokens[i]
+    return Tokenizer(tk, config, chat_template=meta.get("tokenizer.chat_template"), source=source or "")
