@@ -122,7 +122,15 @@ def load(path: str | Path, *, rules=None, dtype: torch.dtype | None = None,
         rule_list = placement.parse_rules(list(rules))
     placements = placement.apply(module, rule_list, device, dtype)
     load_weights(module, source, device, dtype, progress)
+    fuse(module)
     return Runtime(module, source, _tokenizer_for(source), placements)
+
+
+def fuse(module: nn.Module) -> None:
+    """Let attention and MLP blocks fuse sibling projections their operators can run as one."""
+    for m in list(module.modules()):
+        if hasattr(m, "fuse"):
+            m.fuse()
 
 
 def int8_scheme(source: WeightSource) -> str | None:

@@ -104,14 +104,19 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        if hasattr(self, "qkv_a_proj"):  # q_a_proj and kv_a_proj_with_mqa fused into one GEMM
+            q_lat, kv = self.qkv_a_proj(x).split([self.q_a_layernorm.weight.shape[0], self.rank + self.rope], -1)
+            q = self.q_b_proj(self.q_a_layernorm(q_lat))
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv = self.kv_a_proj_with_mqa(x)
+            if hasattr(self, "q_proj"):
+                q = self.q_proj(x)
+            else:
+                q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], -1)
         q_pe = self.rotary(q_pe, step.positions)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], -1)
+        c, k_pe = kv.split([self.rank, self.rope], -1)
         c_kv = self.kv_a_layernorm(c)  # [B, T, rank]
         k_pe = self.rotary(k_pe, step.positions)  # [B, T, rope], one key shared by all heads
         c_kv, k_pe = cache.write(self.layer, step.start, c_kv, k_pe)  # [B, S, .]
@@ -121,6 +126,15 @@ class MLA(nn.Module):
         else:
             o = self._absorbed(q_nope, q_pe, c_kv, k_pe, allowed)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
+
+    def fuse(self) -> None:
+        """After loading: run q_a_proj and kv_a_proj_with_mqa as one GEMM where their operator can
+        (both read the same x; one launch instead of two matters at decode)."""
+        if hasattr(self, "q_a_proj") and hasattr(self.q_a_proj, "fuse_rows"):
+            fused = self.q_a_proj.fuse_rows(self.kv_a_proj_with_mqa)
+            if fused is not None:
+                self.qkv_a_proj = fused
+                del self.q_a_proj, self.kv_a_proj_with_mqa
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
         """Expand the latents into per-head keys and values: cheap for a long fresh prompt."""
@@ -177,7 +191,17 @@ class MLP(nn.Module):
         self.down_proj = linear(inter, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):  # fused: silu(gate) * up in the GEMM's epilogue
+            return self.down_proj(self.gate_up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse(self) -> None:
+        """After loading: gate and up as one GEMM with SiLU*up in its epilogue, where the operator can."""
+        if hasattr(self.gate_proj, "fuse_rows"):
+            fused = self.gate_proj.fuse_rows(self.up_proj, glu=True)
+            if fused is not None:
+                self.gate_up_proj = fused
+                del self.gate_proj, self.up_proj
 
 
 class Gate(nn.Module):

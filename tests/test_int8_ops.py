@@ -60,3 +60,25 @@ def test_stored_int8_of_the_other_scheme_is_an_error():
         Int8BlockLinear(128, 128, "cpu").load_weights(Source("l.weight", q, {"weight_scale": s}), "l")
     with pytest.raises(ValueError, match="rounding"):
         Int8BlockLinear(128, 128, "cpu", rounding="up")
+
+
+@pytest.mark.parametrize("scheme, q_lora_rank", [("channel", 96), ("block", 128)])
+def test_fused_projections_compute_the_same(tmp_path, monkeypatch, scheme, q_lora_rank):
+    """q_a+kv_a as one GEMM and gate+up with SiLU*up fused give the unfused model's logits."""
+    import hybrid_r1
+    import hybrid_r1.loading as loading
+    from hybrid_r1.synth import SyntheticWeights, preset_config, write_checkpoint
+
+    cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2, q_lora_rank=q_lora_rank)
+    path = write_checkpoint(tmp_path / "ck", SyntheticWeights(cfg), tokenizer=False)
+    fused = hybrid_r1.load(path, quantize=scheme)
+    attn, mlp = fused.module.model.layers[0].self_attn, fused.module.model.layers[0].mlp
+    assert hasattr(attn, "qkv_a_proj") and not hasattr(attn, "q_a_proj")
+    assert hasattr(mlp, "gate_up_proj") and mlp.gate_up_proj.glu
+    assert hasattr(fused.module.model.layers[1].mlp.shared_experts, "gate_up_proj")
+    monkeypatch.setattr(loading, "fuse", lambda module: None)
+    plain = hybrid_r1.load(path, quantize=scheme)
+    assert hasattr(plain.module.model.layers[0].self_attn, "q_a_proj")
+    ids = list(range(3, 40))
+    a, b = fused.logits(ids), plain.logits(ids)
+    assert ((a - b).norm() / b.norm()).item() < 1e-6  # same products; fp32 sum order only

@@ -31,6 +31,7 @@ class Int8Linear(nn.Module):
         self.weight: torch.Tensor | None = None  # int8 [N, K]
         self.weight_scale: torch.Tensor | None = None  # fp32, layout per scheme
         self._cpu_dense: torch.Tensor | None = None  # fp32 dequantized weight, CPU path only
+        self.glu = False  # fused gate+up: weight = cat(gate, up), output silu(gate) * up
 
     @classmethod
     def from_module(cls, module: nn.Linear, device, dtype, **args) -> "Int8Linear":
@@ -64,11 +65,34 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
         if x.device.type == "cuda":
-            from hybrid_r1_kernels import int8_linear
+            from hybrid_r1_kernels import int8_linear as k
 
-            fn = int8_linear.int8_block_linear if self.scheme == "block" else int8_linear.int8_channel_linear
+            if self.glu:
+                fn = k.int8_block_gate_up if self.scheme == "block" else k.int8_channel_gate_up
+            else:
+                fn = k.int8_block_linear if self.scheme == "block" else k.int8_channel_linear
             return fn(x, self.weight, self.weight_scale, rounding=self.rounding, out_dtype=x.dtype)
-        return self._cpu_forward(x)
+        y = self._cpu_forward(x)
+        if self.glu:
+            gate, up = y.chunk(2, -1)
+            y = F.silu(gate) * up
+        return y
+
+    def fuse_rows(self, other: "Int8Linear", glu: bool = False) -> "Int8Linear | None":
+        """One operator computing [self; other] (or silu(self) * other with glu) in one GEMM, or
+        None where the layouts do not allow it (another scheme, device or rounding; block scales
+        need self's rows to end on a 128-row tile)."""
+        if (type(other) is not type(self) or other.device != self.device or other.rounding != self.rounding
+                or other.in_features != self.in_features or self.glu or other.glu
+                or (self.scheme == "block" and self.out_features % 128)
+                or (glu and self.out_features != other.out_features)):
+            return None
+        fused = type(self)(self.in_features, self.out_features + other.out_features, self.device, self.dtype,
+                           self.rounding)
+        fused.weight = torch.cat([self.weight, other.weight])
+        fused.weight_scale = torch.cat([self.weight_scale, other.weight_scale])
+        fused.glu = glu
+        return fused
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same W8A8 function on the CPU: quantize-dequantize the activation exactly as the
@@ -97,7 +121,8 @@ class Int8Linear(nn.Module):
         return dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale}).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.scheme}, {self.device}, rounding={self.rounding}"
+        glu = ", silu(gate)*up" if self.glu else ""
+        return f"{self.in_features} -> {self.out_features}{glu}, {self.scheme}, {self.device}, rounding={self.rounding}"
 
 
 class Int8BlockLinear(Int8Linear):
