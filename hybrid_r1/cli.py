@@ -1,7 +1,8 @@
-"""`hybrid-r1`: run a prompt through a checkpoint, or write a synthetic one.
+"""`hybrid-r1`: run a prompt through a checkpoint, chat, or write a synthetic one.
 
     hybrid-r1 generate --model DIR --prompt "Why is the sky blue?"
     hybrid-r1 synth OUT --preset tiny
+    hybrid-r1 chat [--model DIR]          (same as python -m hybrid_r1.chat)
 """
 
 from __future__ import annotations
@@ -87,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint folder or config.json (default: the 671B config)")
     p.add_argument("--device", help="default device (default: cuda if present)")
     sub.add_parser("synth", help="write a synthetic checkpoint (see python -m hybrid_r1.synth --help)", add_help=False)
+    sub.add_parser("chat", help="chat in the terminal, or answer --prompt (see hybrid-r1 chat --help)", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "synth":
         from .synth import main as synth_main
 
         return synth_main(rest)
+    if args.command == "chat":
+        from .chat import main as chat_main
+
+        return chat_main(rest, prog="hybrid-r1 chat")
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

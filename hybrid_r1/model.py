@@ -33,8 +33,19 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias and without random init: the model is built on the meta device and
+    every weight comes from the checkpoint (the init of 45k expert linears would cost seconds)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(n_in, n_out, bias=False)
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False)
+    return Linear(n_in, n_out)
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -300,7 +311,9 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight skips the random init: on the meta device it would only cost time (torch imports
+        # its compiler stack for normal_), and the checkpoint overwrites it anyway.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

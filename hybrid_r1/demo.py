@@ -1,0 +1,73 @@
+"""The built-in demo model: a tiny random-weight DeepSeek-V3 with the real R1 tokenizer.
+
+Written on first use (a few seconds, no download) to `$HYBRID_R1_CACHE/demo`, by default
+`$XDG_CACHE_HOME/hybrid_r1/demo` (`~/.cache/hybrid_r1/demo`). Its answers are random text: it is
+there so the chat, the tokenizer and the cache can be tried on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+PRESET = "tiny"
+SEED = 0
+
+
+def cache_root() -> Path:
+    """hybrid_r1's cache folder: $HYBRID_R1_CACHE, else $XDG_CACHE_HOME/hybrid_r1, else ~/.cache/hybrid_r1."""
+    if os.environ.get("HYBRID_R1_CACHE"):
+        return Path(os.environ["HYBRID_R1_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "hybrid_r1"
+
+
+def demo_dir() -> Path:
+    return cache_root() / "demo"
+
+
+def _expected_config() -> dict:
+    from .synth import preset_config
+
+    return preset_config(PRESET).to_hf_dict()
+
+
+def is_current(folder: Path) -> bool:
+    """True if `folder` holds a complete demo checkpoint of the current preset."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    complete = (folder / "model.safetensors.index.json").is_file() and (folder / "tokenizer.json").is_file()
+    return complete and config == _expected_config()
+
+
+def ensure_demo(announce: Callable[[str], None] = lambda msg: None) -> Path:
+    """The demo checkpoint's folder, written first if it is missing or out of date.
+
+    Safe against two processes writing it at once: each writes its own staging folder and the
+    first rename wins."""
+    folder = demo_dir()
+    if is_current(folder):
+        return folder
+    from .synth import SyntheticWeights, preset_config, write_checkpoint
+
+    announce(f"writing the demo checkpoint (tiny, random weights, real R1 tokenizer) to {folder} ...")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-staging.", dir=folder.parent))
+    try:
+        written = write_checkpoint(staging / "demo", SyntheticWeights(preset_config(PRESET), SEED))
+        if folder.exists() and not is_current(folder):
+            shutil.rmtree(folder)  # an older preset, or a folder left half-written by hand
+        try:
+            written.rename(folder)
+        except OSError:
+            if not is_current(folder):  # not another process that got there first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
