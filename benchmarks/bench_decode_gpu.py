@@ -1,0 +1,133 @@
+"""Decode speed of the GPU-resident part of DeepSeek-V3 at full width: BF16 vs INT8 block vs channel.
+
+Builds a model with the 671B model's widths and a few layers straight from seeded synthetic weights
+(no files), all on one GPU, and times decode steps at a given context. The routed experts are kept
+few (they live on the CPU in the hybrid setup; here they only need to exist), so the time is
+dominated by what the GPU holds in the real deployment: attention, dense MLP, shared expert,
+router, lm_head. Reports ms per token, per-layer cost, and the bound: weight bytes read per token /
+measured HBM bandwidth.
+
+    python benchmarks/bench_decode_gpu.py OUT.md [--layers 4] [--context 1024] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from hybrid_r1 import placement
+from hybrid_r1.loading import build, fuse, load_weights
+from hybrid_r1.runtime import Runtime
+from hybrid_r1.synth import SyntheticWeights, preset_config
+
+
+def hbm_bandwidth(device) -> float:
+    x = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t)  # read + write bytes per second
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(module: torch.nn.Module, skip_experts: bool) -> int:
+    total = 0
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if (skip_experts and ".experts." in name) or "embed_tokens" in name:  # one embedding row per token
+            continue
+        total += t.numel() * t.element_size()
+    for name, m in module.named_modules():  # INT8 operators hold plain tensors, not parameters
+        if skip_experts and ".experts." in name:
+            continue
+        for attr in ("weight", "weight_scale"):
+            t = getattr(m, attr, None)
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and attr in m.__dict__:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def run(cfg, scheme: str | None, context: int, steps: int, device) -> dict:
+    module = build(cfg)
+    rules = placement.int8_rules(scheme, device) if scheme else []
+    placement.apply(module, rules, device, torch.bfloat16)
+    t0 = time.perf_counter()
+    load_weights(module, SyntheticWeights(cfg, seed=0), device, torch.bfloat16)
+    fuse(module)
+    load_s = time.perf_counter() - t0
+    rt = Runtime(module, None)
+    cache = rt.new_cache()
+    prompt = torch.randint(0, cfg.vocab_size, (context,)).tolist()
+    with torch.inference_mode():
+        for i in range(0, context, 512):
+            module(torch.tensor([prompt[i : i + 512]]), cache, last_only=True)
+        tok = torch.tensor([[1]])
+        for _ in range(3):
+            module(tok, cache, last_only=True)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            module(tok, cache, last_only=True)
+        _sync(device)
+    ms = (time.perf_counter() - t) / steps * 1e3
+    out = {"ms": ms, "load_s": load_s, "bytes": weight_bytes(module, skip_experts=True)}
+    del module, rt, cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dense-layers", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cfg = preset_config("full-slice", num_hidden_layers=args.layers, first_k_dense_replace=args.dense_layers,
+                        n_routed_experts=8, num_experts_per_tok=8, n_group=1, topk_group=1)
+    bw = hbm_bandwidth(device)
+    rows = {name: run(cfg, scheme, args.context, args.steps, device)
+            for name, scheme in (("bf16", None), ("int8 block", "block"), ("int8 channel", "channel"))}
+    gpu = torch.cuda.get_device_name()
+    lines = [
+        f"# Decode step at full width, {args.layers} layers ({args.dense_layers} dense), context {args.context}",
+        "",
+        f"- GPU: {gpu}; torch {torch.__version__}; measured copy bandwidth {bw / 1e9:.0f} GB/s (read + write)",
+        "- eager PyTorch (no CUDA graphs), batch 1, one token per step; routed experts: 8 per MoE layer, "
+        "all chosen, on the GPU in the run dtype (excluded from the byte count: in the hybrid setup they are on the CPU)",
+        "- bound = non-expert weight bytes read per token / measured bandwidth",
+        "",
+        "| weights | ms / token | non-expert weight GB | bound ms | share of bound | vs bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = rows["bf16"]["ms"]
+    for name, r in rows.items():
+        bound = r["bytes"] / bw * 1e3
+        lines.append(f"| {name} | {r['ms']:.2f} | {r['bytes'] / 1e9:.2f} | {bound:.2f} | {bound / r['ms']:.0%} | "
+                     f"{base / r['ms']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
