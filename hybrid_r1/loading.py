@@ -32,7 +32,9 @@ def open_checkpoint(path: str | Path) -> WeightSource:
     if p.suffix == ".gguf":
         from .formats.gguf import GGUFCheckpoint  # imported here: needs only gguf-py
 
-        return GGUFCheckpoint(p)
+        # Older GGUFs lack some router keys (expert groups): a config.json beside the file fills them.
+        beside = p.parent / "config.json"
+        return GGUFCheckpoint(p, config_json=beside if beside.is_file() else None)
     raise CheckpointError("not a checkpoint folder or a .gguf file", file=str(path))
 
 
@@ -114,6 +116,8 @@ def load(path: str | Path, *, rules=None, dtype: torch.dtype | None = None,
     if rules is None:
         scheme = quantize or int8_scheme(source)
         rule_list = placement.int8_rules(scheme, device) if scheme else []
+        if has_ggml_experts(source):  # a GGUF's routed experts stay quantized, computed on the CPU
+            rule_list = placement.ggml_expert_rules() + rule_list
     elif quantize is not None:
         raise ValueError("pass either rules or quantize: with rules, the rules choose the operators")
     elif isinstance(rules, (str, Path)):
@@ -133,6 +137,12 @@ def fuse(module: nn.Module) -> None:
             m.fuse()
 
 
+def has_ggml_experts(source: WeightSource) -> bool:
+    cfg = source.config
+    moe = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)
+    return moe is not None and source.ggml_experts(moe) is not None
+
+
 def int8_scheme(source: WeightSource) -> str | None:
     """'block' or 'channel' for an INT8 checkpoint, else None."""
     detect = getattr(source, "quantization", None)
@@ -147,4 +157,7 @@ def _tokenizer_for(source: WeightSource):
         from .tokenizer import Tokenizer
 
         return Tokenizer.from_dir(folder)
+    meta = getattr(source, "tokenizer_metadata", None)  # a GGUF may carry its tokenizer in the metadata
+    if meta is not None and meta().get("tokenizer.ggml.tokens") is not None:
+        return source.tokenizer()
     return None

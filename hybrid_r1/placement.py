@@ -139,3 +139,10 @@ def int8_rules(scheme: str, device: torch.device | str) -> list[Rule]:
         {"name": r"\.kv_b_proj$", "device": str(device)},
         {"name": r"^model\.layers\.\d+\.", "class": "Linear", "op": f"linear.int8_{scheme}", "device": str(device)},
     ], where=f"built-in int8 {scheme} rules")
+
+
+def ggml_expert_rules() -> list[Rule]:
+    """What `load` uses for a GGUF file when no rules are given: the routed experts as ggml
+    computes them, on the CPU, on the file's bytes."""
+    return parse_rules([{"name": r"^model\.layers\.\d+\.mlp\.experts$", "op": "experts.ggml_cpu", "device": "cpu"}],
+                       where="built-in GGUF rules")
