@@ -4,8 +4,6 @@ Without CUDA the kernels run in Triton's interpreter (small shapes). Exact equal
 amax and max(., 1e-10) are exact, the kernel divides with IEEE division (div_rn) like torch, and
 both round half to even (or truncate) the same fp32 quotient."""
 
-import os
-import sys
 
 import pytest
 import torch
@@ -13,18 +11,7 @@ import torch
 CUDA = torch.cuda.is_available()
 
 
-def _triton_imported_compiled():
-    std = sys.modules.get("triton.language.standard")
-    return std is not None and type(std.max).__name__ != "InterpretedFunction"
-
-
-# Triton reads TRITON_INTERPRET when it is first imported (its own jit helpers are decorated then),
-# so without CUDA the variable must be set before anything imports triton. If something already
-# did, these tests are run in a fresh process by test_kernels_fresh_process.py instead.
-TOO_LATE = not CUDA and _triton_imported_compiled()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytestmark = pytest.mark.skipif(TOO_LATE, reason="triton imported without the interpreter; rerun fresh")
+# Without CUDA, tests/conftest.py has switched Triton to its interpreter before any import of it.
 pytest.importorskip("triton")
 
 import hybrid_r1_kernels.act_quant as aq  # noqa: E402

@@ -9,8 +9,6 @@ Tolerances. The int8 dot products are exact in int32, so the only error sources 
 Without CUDA the kernels run in Triton's interpreter at small sizes.
 """
 
-import os
-import sys
 
 import pytest
 import torch
@@ -18,16 +16,7 @@ import torch
 CUDA = torch.cuda.is_available()
 
 
-def _triton_imported_compiled():
-    std = sys.modules.get("triton.language.standard")
-    return std is not None and type(std.max).__name__ != "InterpretedFunction"
-
-
-# See test_kernels_act_quant.py: the interpreter must be switched on before triton is imported.
-TOO_LATE = not CUDA and _triton_imported_compiled()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytestmark = pytest.mark.skipif(TOO_LATE, reason="triton imported without the interpreter; rerun fresh")
+# Without CUDA, tests/conftest.py has switched Triton to its interpreter before any import of it.
 pytest.importorskip("triton")
 
 from hybrid_r1_kernels import reference as ref  # noqa: E402
