@@ -1,0 +1,80 @@
+"""Routed experts of one MoE layer computed by ggml's CPU kernels on the GGUF bytes in place.
+
+The graph is llama.cpp's: `ggml_mul_mat_id` for gate and up (activations converted once to the
+weights' dot-product type, Q8_K for K-quants, then integer dot products), SwiGLU, the routing
+weights, `ggml_mul_mat_id` for down, the sum over the chosen experts. Weight tensors point into the
+memory-mapped file: no copy, no dequantization. Every layer with the same thread count shares one
+ggml thread pool, activation arena and graph cache (ggml_lib.Executor); the GIL is released while
+ggml computes, so the GPU side of the step can run meanwhile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ggml_lib
+from ..errors import CheckpointError
+from ..formats.ggml_tensor import GGMLTensor
+from ..formats.source import WeightSource
+from .experts_reference import check_call, check_cpu, expert_tensors
+
+
+class GGMLExperts(nn.Module):
+    """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden], on x's
+    device and dtype. `threads`: ggml threads (default: the physical cores this process may use).
+    `chunk_tokens`: prefill runs in chunks of at most this many tokens (activation memory is about
+    320 KB per token at 671B width)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, threads: int | None = None,
+                 chunk_tokens: int = 1024):
+        super().__init__()
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
+        self.threads = threads or ggml_lib.physical_cores()
+        self.chunk_tokens = chunk_tokens
+        self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
+        self.weights: ggml_lib.ExpertWeights | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, device=None, dtype=None, **args) -> "GGMLExperts":
+        check_cpu(cls, device)
+        return cls(len(module), module[0].gate_proj.in_features, module[0].gate_proj.out_features, **args)
+
+    def load_weights(self, source: WeightSource, prefix: str) -> None:
+        tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
+        weights = ggml_lib.ExpertWeights(
+            tensors["gate"].data, tensors["up"].data, tensors["down"].data,
+            tuple(tensors[p].ggml_type for p in ("gate", "up", "down")), self.hidden_size, self.intermediate_size)
+        for part, why in weights.problems().items():
+            t = tensors[part]
+            raise CheckpointError(f"{why} (experts.dequant computes any type)", file=t.file, tensor=t.name)
+        self.tensors, self.weights = tensors, weights
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            raise RuntimeError("GGMLExperts: load_weights first")
+        idx = topk_idx.to("cpu", torch.int32)
+        check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
+        w = topk_w.to("cpu", torch.float32)
+        n, k = idx.shape
+        out = torch.empty((n, self.hidden_size), dtype=torch.float32)
+        ex = ggml_lib.executor(self.threads)
+        for s in range(0, n, self.chunk_tokens):
+            e = min(n, s + self.chunk_tokens)
+            with ex.lock:
+                g = ex.moe_graph(self.weights, e - s, k)
+                torch.from_numpy(g.x).copy_(x[s:e])
+                torch.from_numpy(g.ids).copy_(idx[s:e])
+                torch.from_numpy(g.w).copy_(w[s:e])
+                ex.compute(g)
+                out[s:e].copy_(torch.from_numpy(g.out))
+        return out.to(x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        types = "not loaded" if self.weights is None else "/".join(ggml_lib.type_name(t) for t in self.weights.types)
+        return (f"n_experts={self.n_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"threads={self.threads}, {types}")

@@ -1,0 +1,116 @@
+"""Routed experts from GGML-quantized weights in plain torch: each used expert is dequantized with
+gguf-py (numpy, ~0.03 GB/s) and multiplied in `compute_dtype`. The reference for GGMLExperts' tests
+and a fallback for a type ggml's CPU backend lacks; never fast.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..formats.ggml_tensor import GGMLTensor
+from ..formats.source import WeightSource
+
+PARTS = ("gate", "up", "down")
+
+
+def layer_of(prefix: str) -> int:
+    """`model.layers.3.mlp.experts` -> 3."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.mlp\.experts$", prefix)
+    if m is None:
+        raise ValueError(f"not a routed-experts module name: {prefix!r} (want model.layers.N.mlp.experts)")
+    return int(m.group(1))
+
+
+def expert_tensors(source: WeightSource, prefix: str, n_experts: int, hidden: int,
+                   intermediate: int) -> dict[str, GGMLTensor]:
+    """{"gate", "up", "down"} -> GGMLTensor of the layer named by `prefix`, checked against the model's
+    shape (ggml order: gate/up [hidden, intermediate, n_experts], down [intermediate, hidden, n_experts])."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    experts = source.ggml_experts(layer_of(prefix))
+    if experts is None:
+        raise CheckpointError("holds no GGML-quantized routed experts (a GGUF checkpoint is needed)",
+                              file=source.path, tensor=prefix)
+    missing = [p for p in PARTS if p not in experts]
+    if missing:
+        raise CheckpointError(f"routed experts without {', '.join(missing)}", file=source.path, tensor=prefix)
+    want = {"gate": (hidden, intermediate), "up": (hidden, intermediate), "down": (intermediate, hidden)}
+    for part in PARTS:
+        t = experts[part]
+        ne = (*want[part], n_experts)
+        if tuple(t.ne) != ne:
+            raise CheckpointError(f"ne {list(t.ne)} does not match the model's {list(ne)}", file=t.file, tensor=t.name)
+        try:
+            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"unknown ggml type {t.ggml_type}", file=t.file, tensor=t.name) from None
+        shape = (n_experts, ne[1], ne[0] // block * nbytes)
+        if ne[0] % block or t.data.dtype != np.uint8 or t.data.shape != shape:
+            raise CheckpointError(f"data {t.data.dtype} {list(t.data.shape)} does not hold {list(ne)} of "
+                                  f"{GGMLQuantizationType(t.ggml_type).name}", file=t.file, tensor=t.name)
+    return experts
+
+
+class DequantExperts(nn.Module):
+    """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden]."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
+        self.compute_dtype = compute_dtype
+        self.tensors: dict[str, GGMLTensor] | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, device=None, dtype=None, **args) -> "DequantExperts":
+        check_cpu(cls, device)
+        return cls(len(module), module[0].gate_proj.in_features, module[0].gate_proj.out_features, **args)
+
+    def load_weights(self, source: WeightSource, prefix: str) -> None:
+        self.tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert `e` dequantized: gate [I, H], up [I, H], down [H, I] in compute_dtype."""
+        from gguf.quants import dequantize
+
+        if self.tensors is None:
+            raise RuntimeError("DequantExperts: load_weights first")
+        return tuple(torch.from_numpy(dequantize(self.tensors[p].expert(e), self.tensors[p].ggml_type))
+                     .to(self.compute_dtype) for p in PARTS)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        idx = topk_idx.cpu()
+        check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
+        xc, w = x.detach().to("cpu", self.compute_dtype), topk_w.to("cpu", self.compute_dtype)
+        out = torch.zeros_like(xc)
+        for e in idx.unique().tolist():
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            gate, up, down = self.expert(e)
+            xe = xc[tok]
+            h = torch.nn.functional.silu(xe @ gate.T) * (xe @ up.T)
+            out.index_add_(0, tok, (h @ down.T) * w[tok, slot, None])
+        return out.to(x.device, x.dtype)
+
+
+def check_cpu(cls, device) -> None:
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{cls.__name__} computes on the CPU; its rule must say device: cpu, not {device}")
+
+
+def check_call(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: int, hidden: int) -> None:
+    """Shapes, and expert ids in range (`idx` on the CPU: ggml would write out of bounds)."""
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ValueError(f"x must be [tokens, {hidden}], got {list(x.shape)}")
+    if idx.dim() != 2 or idx.shape[0] != x.shape[0] or tuple(w.shape) != tuple(idx.shape):
+        raise ValueError(f"topk_idx and topk_w must both be [{x.shape[0]}, k], got {list(idx.shape)} and {list(w.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_idx must be int64 or int32, got {idx.dtype}")
+    if idx.numel():
+        lo, hi = torch.aminmax(idx)
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"expert ids must lie in [0, {n_experts}), got {int(lo)}..{int(hi)}")
