@@ -10,9 +10,11 @@ other Python threads (the GPU side of a decode step) run while ggml computes.
 
 ggml-python 0.0.45 declares a few functions with a 32-bit return type where C returns a pointer
 (`ggml_backend_cpu_buffer_type`, `ggml_backend_alloc_buffer`, `ggml_backend_cpu_buffer_from_ptr`,
-`ggml_backend_reg_get_default_buffer_type`, ...): calling them truncates the pointer. This module
-uses none of them (no backend buffers: weight tensors point into numpy memory, activations into an
-arena this module owns); use `_function(name, restype, argtypes)` if one is ever needed.
+`ggml_backend_reg_get_default_buffer_type`, ...: restype `NewType(..., int)`, which ctypes reads as a
+C int): calling them truncates the pointer. This module uses none of them (no backend buffers or
+ggml-alloc: weight tensors point into numpy memory, activations into an arena this module lays out).
+Should one be needed, take a fresh handle (`ctypes.CDLL(path)[name]`) and set its restype to
+c_void_p rather than mutating the bindings' shared function object.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # ggml_type values (include/ggml.h; equal to gguf.GGMLQuantizationType)
 F32, F16, Q8_0, Q8_K, I32, BF16 = 0, 1, 8, 15, 26, 30
@@ -49,20 +52,6 @@ def _ggml():
         raise ImportError(f"hybrid_r1 needs ggml-python (pip install ggml-python==0.0.45): {e}") from e
     ggml.ggml_cpu_init()
     return ggml
-
-
-def _function(name: str, restype, argtypes: list):
-    """A private, correctly typed handle on a ggml C function (for the bindings' wrong restypes)."""
-    lib_dir = os.path.join(os.path.dirname(_ggml().__file__), "lib")
-    for lib in ("libggml-cpu.so", "libggml-base.so", "libggml.so"):
-        handle = ctypes.CDLL(os.path.join(lib_dir, lib))
-        try:
-            fn = handle[name]  # a new function object: the bindings' shared one stays as it is
-        except AttributeError:
-            continue
-        fn.restype, fn.argtypes = restype, argtypes
-        return fn
-    raise AttributeError(f"ggml has no function {name}")
 
 
 def type_name(ggml_type: int) -> str:
@@ -187,6 +176,10 @@ class ExpertWeights:
     def key(self) -> tuple:
         return (self.types, self.n_experts, self.hidden, self.intermediate)
 
+    @functools.cached_property
+    def addresses(self) -> tuple[int, int, int]:
+        return self.gate.ctypes.data, self.up.ctypes.data, self.down.ctypes.data
+
     def problems(self) -> dict[str, str]:
         """{"gate" | "up" | "down": why ggml cannot run that tensor in place}; empty if all is well."""
         want = {"gate": (self.intermediate, self.hidden), "up": (self.intermediate, self.hidden),
@@ -234,8 +227,8 @@ class MoEGraph:
         offs, need = self.layout(key, T, k)
         assert need <= arena.nbytes
         n_nodes = 4 * k + 32
-        params = g.ggml_init_params(mem_size=g.ggml_tensor_overhead() * n_nodes + g.ggml_graph_overhead_custom(n_nodes, False),
-                                    mem_buffer=None, no_alloc=True)
+        meta = g.ggml_tensor_overhead() * n_nodes + g.ggml_graph_overhead_custom(n_nodes, False)
+        params = g.ggml_init_params(mem_size=meta, mem_buffer=None, no_alloc=True)  # metadata only
         self.ctx = g.ggml_init(params)
         if not self.ctx:
             raise MemoryError("ggml_init failed")
@@ -246,17 +239,18 @@ class MoEGraph:
             t.contents.data = base + off
             return t
 
-        self.wg = g.ggml_new_tensor_3d(ctx, tg, H, I, n_exp)
-        self.wu = g.ggml_new_tensor_3d(ctx, tu, H, I, n_exp)
-        self.wd = g.ggml_new_tensor_3d(ctx, td, I, H, n_exp)
+        wg = g.ggml_new_tensor_3d(ctx, tg, H, I, n_exp)
+        wu = g.ggml_new_tensor_3d(ctx, tu, H, I, n_exp)
+        wd = g.ggml_new_tensor_3d(ctx, td, I, H, n_exp)
+        self._weights = (wg.contents, wu.contents, wd.contents)  # structs in ggml's memory, re-pointed by bind()
         x = at(g.ggml_new_tensor_3d(ctx, F32, H, 1, T), offs["x"])
         ids = at(g.ggml_new_tensor_2d(ctx, I32, k, T), offs["ids"])
         w = at(g.ggml_new_tensor_3d(ctx, F32, 1, k, T), offs["w"])
-        gate = at(g.ggml_mul_mat_id(ctx, self.wg, x, ids), offs["gu_y"])
-        up = at(g.ggml_mul_mat_id(ctx, self.wu, x, ids), offs["gu_y"] + I * k * T * 4)
+        gate = at(g.ggml_mul_mat_id(ctx, wg, x, ids), offs["gu_y"])
+        up = at(g.ggml_mul_mat_id(ctx, wu, x, ids), offs["gu_y"] + I * k * T * 4)
         h = at(g.ggml_swiglu_split(ctx, gate, up), offs["h"])
         h = g.ggml_mul_inplace(ctx, h, w)  # routing weight before down: down is linear
-        y = at(g.ggml_mul_mat_id(ctx, self.wd, h, ids), offs["gu_y"])
+        y = at(g.ggml_mul_mat_id(ctx, wd, h, ids), offs["gu_y"])
         out = g.ggml_view_2d(ctx, y, H, T, y.contents.nb[2], 0)
         for slot in range(1, k):
             out = g.ggml_add_inplace(ctx, out, g.ggml_view_2d(ctx, y, H, T, y.contents.nb[2], slot * y.contents.nb[1]))
@@ -270,12 +264,12 @@ class MoEGraph:
         self.ids = view("ids", T * k, np.int32, (T, k))
         self.w = view("w", T * k, np.float32, (T, k))
         self.out = view("gu_y", T * k * H, np.float32, (T, k, H))[:, 0, :]  # the sum lands in slot 0
+        self.tensors = {name: torch.from_numpy(getattr(self, name)) for name in ("x", "ids", "w", "out")}
         self.plan = None  # ggml_cplan, made by the executor on first run
 
     def bind(self, weights: ExpertWeights) -> None:
-        self.wg.contents.data = weights.gate.ctypes.data
-        self.wu.contents.data = weights.up.ctypes.data
-        self.wd.contents.data = weights.down.ctypes.data
+        for tensor, address in zip(self._weights, weights.addresses):
+            tensor.data = address
 
     def free(self) -> None:
         if self.ctx:
@@ -286,17 +280,24 @@ class MoEGraph:
 class Executor:
     """A ggml thread pool with its work buffer, activation arena and cached graphs, shared by every
     experts layer that runs with the same thread count. One graph runs at a time (hold `lock` from
-    writing a graph's inputs to reading its output)."""
+    writing a graph's inputs to reading its output).
+
+    `poll` (0-100, ggml's scale; llama.cpp uses 50): how long idle workers spin waiting for the next
+    graph before they sleep. 50 spins ~0.1 s after every graph, on every worker; 0 sleeps at once,
+    leaving the cores to the rest of the step (the GPU side) at a wake-up cost of microseconds."""
 
     MAX_GRAPHS = 32
 
-    def __init__(self, n_threads: int):
+    def __init__(self, n_threads: int, poll: int = 0):
         if n_threads < 1:
             raise ValueError(f"threads must be >= 1, got {n_threads}")
+        if not 0 <= poll <= 100:
+            raise ValueError(f"poll must be in 0..100, got {poll}")
         g = _ggml()
-        self.n_threads = n_threads
+        self.n_threads, self.poll = n_threads, poll
         self.lock = threading.Lock()
         params = g.ggml_threadpool_params_default(n_threads)
+        params.poll = poll
         self.threadpool = g.ggml_threadpool_new(ctypes.byref(params))
         if not self.threadpool:
             raise RuntimeError(f"ggml could not start {n_threads} threads")
@@ -344,13 +345,13 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start: start + nbytes]
 
 
-_executors: dict[int, Executor] = {}
+_executors: dict[tuple[int, int], Executor] = {}
 _executors_lock = threading.Lock()
 
 
-def executor(n_threads: int) -> Executor:
-    """The process-wide executor for `n_threads` (made on first use, then shared)."""
+def executor(n_threads: int, poll: int = 0) -> Executor:
+    """The process-wide executor for these settings (made on first use, then shared)."""
     with _executors_lock:
-        if n_threads not in _executors:
-            _executors[n_threads] = Executor(n_threads)
-        return _executors[n_threads]
+        if (n_threads, poll) not in _executors:
+            _executors[n_threads, poll] = Executor(n_threads, poll)
+        return _executors[n_threads, poll]

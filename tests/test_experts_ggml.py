@@ -215,7 +215,8 @@ def test_odd_routing():
     cases = {
         "all tokens on expert 5": torch.full((12, K), 5),
         "experts 4-7 never used": torch.randint(0, 4, (12, K), generator=gen),
-        "last expert only in slot 0": torch.cat([torch.full((12, 1), E - 1), torch.randint(0, 3, (12, K - 1), generator=gen)], 1),
+        "last expert only in slot 0": torch.cat([torch.full((12, 1), E - 1),
+                                                 torch.randint(0, 3, (12, K - 1), generator=gen)], 1),
     }
     for what, idx in cases.items():
         y = op(x, idx, w)
@@ -273,6 +274,8 @@ def test_bad_calls_and_weights():
         op(torch.randn(2, H + 1), torch.zeros(2, K, dtype=torch.long), torch.ones(2, K))
     with pytest.raises(ValueError, match="topk_idx and topk_w"):
         op(x, torch.zeros(2, K, dtype=torch.long), torch.ones(2, K + 1))
+    with pytest.raises(ValueError, match="int64 or int32"):
+        op(x, torch.zeros(2, K), torch.ones(2, K))
     with pytest.raises(RuntimeError, match="load_weights first"):
         GGMLExperts(E, H, I, threads=1)(x, torch.zeros(2, K, dtype=torch.long), torch.ones(2, K))
     with pytest.raises(CheckpointError, match=r"ne \[256, 256, 8\] does not match.*blk.3.ffn_gate_exps"):
@@ -285,6 +288,12 @@ def test_bad_calls_and_weights():
                                        np.zeros((E, I, ggml_lib.row_bytes(QT.Q8_K, H)), np.uint8)))
     with pytest.raises(CheckpointError, match="no matmul for Q8_K.*ffn_up_exps"):
         GGMLExperts(E, H, I, threads=1).load_weights(FakeSource(q8k), PREFIX)
+    q6k = dict(tensors, gate=GGMLTensor("blk.3.ffn_gate_exps.weight", "fake.gguf", int(QT.Q6_K), (H, I, E),
+                                        tensors["gate"].data))  # Q4_0 rows (144 bytes) labelled Q6_K (210)
+    with pytest.raises(CheckpointError, match=r"expected uint8 \[8, 256, 210\] \(Q6_K\).*ffn_gate_exps"):
+        GGMLExperts(E, H, I, threads=1).load_weights(FakeSource(q6k), PREFIX)
+    with pytest.raises(CheckpointError, match="do not hold 256 Q6_K values.*ffn_gate_exps"):
+        DequantExperts(E, H, I).load_weights(FakeSource(q6k), PREFIX)
     strided = dict(tensors, down=GGMLTensor("blk.3.ffn_down_exps.weight", "fake.gguf", int(QT.Q4_0), (I, H, E),
                                             np.repeat(tensors["down"].data, 2, axis=0)[::2]))
     with pytest.raises(CheckpointError, match="not contiguous"):

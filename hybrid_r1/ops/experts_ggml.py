@@ -24,18 +24,21 @@ class GGMLExperts(nn.Module):
     """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden], on x's
     device and dtype. `threads`: ggml threads (default: the physical cores this process may use).
     `chunk_tokens`: prefill runs in chunks of at most this many tokens (activation memory is about
-    320 KB per token at 671B width)."""
+    320 KB per token at 671B width). `poll`: how long idle ggml workers spin before sleeping
+    (ggml_lib.Executor; 0 frees the cores between layers)."""
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, threads: int | None = None,
-                 chunk_tokens: int = 1024):
+                 chunk_tokens: int = 1024, poll: int = 0):
         super().__init__()
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if not 0 <= poll <= 100:
+            raise ValueError(f"poll must be in 0..100, got {poll}")
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
         self.threads = threads or ggml_lib.physical_cores()
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.poll = chunk_tokens, poll
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
         self.weights: ggml_lib.ExpertWeights | None = None
 
@@ -57,24 +60,30 @@ class GGMLExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
-        idx = topk_idx.to("cpu", torch.int32)
+        idx = topk_idx.cpu()
         check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
-        w = topk_w.to("cpu", torch.float32)
         n, k = idx.shape
+        ex = ggml_lib.executor(self.threads, self.poll)
+        if n <= self.chunk_tokens:  # decode and short prefill: one graph, no intermediate copies
+            with ex.lock:
+                return self._run(ex, x, idx, topk_w).to(x.device, x.dtype, copy=True)
         out = torch.empty((n, self.hidden_size), dtype=torch.float32)
-        ex = ggml_lib.executor(self.threads)
         for s in range(0, n, self.chunk_tokens):
             e = min(n, s + self.chunk_tokens)
             with ex.lock:
-                g = ex.moe_graph(self.weights, e - s, k)
-                torch.from_numpy(g.x).copy_(x[s:e])
-                torch.from_numpy(g.ids).copy_(idx[s:e])
-                torch.from_numpy(g.w).copy_(w[s:e])
-                ex.compute(g)
-                out[s:e].copy_(torch.from_numpy(g.out))
+                out[s:e] = self._run(ex, x[s:e], idx[s:e], topk_w[s:e])
         return out.to(x.device, x.dtype)
+
+    def _run(self, ex: ggml_lib.Executor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One graph over these tokens; returns a view of the executor's arena (caller holds ex.lock)."""
+        g = ex.moe_graph(self.weights, idx.shape[0], idx.shape[1])
+        g.tensors["x"].copy_(x)  # to float32 on the CPU, int64 ids to int32, in one pass each
+        g.tensors["ids"].copy_(idx)
+        g.tensors["w"].copy_(w)
+        ex.compute(g)
+        return g.tensors["out"]
 
     def extra_repr(self) -> str:
         types = "not loaded" if self.weights is None else "/".join(ggml_lib.type_name(t) for t in self.weights.types)
         return (f"n_experts={self.n_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"threads={self.threads}, {types}")
+                f"threads={self.threads}, poll={self.poll}, {types}")

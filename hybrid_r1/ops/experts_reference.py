@@ -29,9 +29,8 @@ def layer_of(prefix: str) -> int:
 def expert_tensors(source: WeightSource, prefix: str, n_experts: int, hidden: int,
                    intermediate: int) -> dict[str, GGMLTensor]:
     """{"gate", "up", "down"} -> GGMLTensor of the layer named by `prefix`, checked against the model's
-    shape (ggml order: gate/up [hidden, intermediate, n_experts], down [intermediate, hidden, n_experts])."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
+    shape (ggml order: gate/up [hidden, intermediate, n_experts], down [intermediate, hidden, n_experts]).
+    The bytes per row are the operator's to check: it knows the types it runs."""
     experts = source.ggml_experts(layer_of(prefix))
     if experts is None:
         raise CheckpointError("holds no GGML-quantized routed experts (a GGUF checkpoint is needed)",
@@ -45,14 +44,9 @@ def expert_tensors(source: WeightSource, prefix: str, n_experts: int, hidden: in
         ne = (*want[part], n_experts)
         if tuple(t.ne) != ne:
             raise CheckpointError(f"ne {list(t.ne)} does not match the model's {list(ne)}", file=t.file, tensor=t.name)
-        try:
-            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
-        except (ValueError, KeyError):
-            raise CheckpointError(f"unknown ggml type {t.ggml_type}", file=t.file, tensor=t.name) from None
-        shape = (n_experts, ne[1], ne[0] // block * nbytes)
-        if ne[0] % block or t.data.dtype != np.uint8 or t.data.shape != shape:
-            raise CheckpointError(f"data {t.data.dtype} {list(t.data.shape)} does not hold {list(ne)} of "
-                                  f"{GGMLQuantizationType(t.ggml_type).name}", file=t.file, tensor=t.name)
+        if t.data.dtype != np.uint8 or t.data.ndim != 3 or t.data.shape[:2] != (n_experts, ne[1]):
+            raise CheckpointError(f"data {t.data.dtype} {list(t.data.shape)} is not (experts, rows, bytes) uint8 "
+                                  f"for ne {list(ne)}", file=t.file, tensor=t.name)
     return experts
 
 
@@ -72,7 +66,20 @@ class DequantExperts(nn.Module):
         return cls(len(module), module[0].gate_proj.in_features, module[0].gate_proj.out_features, **args)
 
     def load_weights(self, source: WeightSource, prefix: str) -> None:
-        self.tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
+        for t in tensors.values():
+            try:
+                qtype = GGMLQuantizationType(t.ggml_type)
+                block, nbytes = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"gguf-py does not know ggml type {t.ggml_type}",
+                                      file=t.file, tensor=t.name) from None
+            if t.ne[0] % block or t.data.shape[2] != t.ne[0] // block * nbytes:
+                raise CheckpointError(f"rows of {t.data.shape[2]} bytes do not hold {t.ne[0]} {qtype.name} values",
+                                      file=t.file, tensor=t.name)
+        self.tensors = tensors
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert `e` dequantized: gate [I, H], up [I, H], down [H, I] in compute_dtype."""
@@ -106,11 +113,12 @@ def check_call(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: i
     """Shapes, and expert ids in range (`idx` on the CPU: ggml would write out of bounds)."""
     if x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"x must be [tokens, {hidden}], got {list(x.shape)}")
-    if idx.dim() != 2 or idx.shape[0] != x.shape[0] or tuple(w.shape) != tuple(idx.shape):
-        raise ValueError(f"topk_idx and topk_w must both be [{x.shape[0]}, k], got {list(idx.shape)} and {list(w.shape)}")
+    shape = idx.shape
+    if len(shape) != 2 or shape[0] != x.shape[0] or shape[1] < 1 or w.shape != shape:
+        raise ValueError(f"topk_idx and topk_w must both be [{x.shape[0]}, k], got {list(shape)} and {list(w.shape)}")
     if idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"topk_idx must be int64 or int32, got {idx.dtype}")
-    if idx.numel():
-        lo, hi = torch.aminmax(idx)
+    if shape[0]:
+        lo, hi = (v.item() for v in torch.aminmax(idx))
         if lo < 0 or hi >= n_experts:
-            raise ValueError(f"expert ids must lie in [0, {n_experts}), got {int(lo)}..{int(hi)}")
+            raise ValueError(f"expert ids must lie in [0, {n_experts}), got {lo}..{hi}")
