@@ -45,8 +45,6 @@ def _generate(args) -> int:
 
 def _plan(args) -> int:
     """Print what runs where under a rule file, without loading any weight."""
-    import torch
-
     from .config import ModelConfig
     from .loading import build, default_device_dtype
     from .placement import apply, load_rules

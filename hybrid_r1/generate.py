@@ -4,7 +4,7 @@ tokens through `on_token` and timings in the returned `Generation`."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

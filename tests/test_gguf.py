@@ -375,21 +375,15 @@ def test_every_ggml_type_readable(src, tmp_path):
             np.testing.assert_array_equal(ck.tensor(hf, torch.float32).numpy(), want)
 
 
-def test_writer_needs_ggml_for_k_quants(src, tmp_path):
-    try:
-        import hybrid_r1.ggml_lib  # noqa: F401  (whether ggml's quantizers are at hand)
-    except ImportError:
-        with pytest.raises(ValueError, match="Q4_K needs ggml"):
-            write_gguf_from_checkpoint(src, tmp_path / "k.gguf", type_mix="Q4_K_M")
-        assert not (tmp_path / "k.gguf").exists()  # refused before writing anything
-    else:
-        (path,) = write_gguf_from_checkpoint(src, tmp_path / "k.gguf", type_mix="Q4_K_M")
-        ck = GGUFCheckpoint(path)
-        assert QT(ck.ggml_tensor("blk.1.ffn_gate_exps.weight").ggml_type) == QT.Q4_K
-        assert QT(ck.ggml_tensor("blk.2.ffn_down_exps.weight").ggml_type) == QT.Q6_K  # 2 >= 7*3//8
-        w = src.tensor("model.layers.1.mlp.experts.2.gate_proj.weight")
-        err = (ck.tensor("model.layers.1.mlp.experts.2.gate_proj.weight", torch.float32) - w).norm() / w.norm()
-        assert err < 0.12  # 4.5 bits per weight on Gaussian weights
+def test_writer_q4_k_m_through_ggml(src, tmp_path):
+    """K-quants come from ggml's quantizer (gguf-py has none): the Q4_K_M mix as llama.cpp picks it."""
+    (path,) = write_gguf_from_checkpoint(src, tmp_path / "k.gguf", type_mix="Q4_K_M")
+    ck = GGUFCheckpoint(path)
+    assert QT(ck.ggml_tensor("blk.1.ffn_gate_exps.weight").ggml_type) == QT.Q4_K
+    assert QT(ck.ggml_tensor("blk.2.ffn_down_exps.weight").ggml_type) == QT.Q6_K  # 2 >= 7*3//8
+    w = src.tensor("model.layers.1.mlp.experts.2.gate_proj.weight")
+    err = (ck.tensor("model.layers.1.mlp.experts.2.gate_proj.weight", torch.float32) - w).norm() / w.norm()
+    assert err < 0.12  # 4.5 bits per weight on Gaussian weights
 
 
 # ---- bad files -------------------------------------------------------------------------------------
