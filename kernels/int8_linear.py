@@ -13,7 +13,6 @@ Gate+up fusion: w = cat([gate, up], 0) -> [2N, K]; block w_s = cat([gate_s, up_s
 
 from __future__ import annotations
 
-
 from .act_quant import per_token_group_quant, per_token_quant
 from .configs import GemmConfig, get_config
 from .int8_gemm import SCALE_BLOCK, int8_gemm
