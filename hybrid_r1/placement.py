@@ -105,6 +105,7 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
     placed: list[Placement] = []
 
     def visit(module: nn.Module, path: str, device: torch.device, parent: nn.Module | None, attr: str) -> None:
+        parent_device = device if parent is not None else None
         rule = next((r for r in rules if r.matches(path, module)), None)
         if rule is not None and rule.device is not None:
             device = torch.device(rule.device)
@@ -119,9 +120,11 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
             except TypeError as e:
                 raise RuleError(f"{rule.where}: bad args for {rule.op}: {e}") from None
             setattr(parent, attr, new)
+            _bridge(new, device, parent_device)
             placed.append(Placement(path, rule, rule.op, device))
             return
         module.placement_device = device  # read by the loader for this module's own tensors
+        _bridge(module, device, parent_device)
         if rule is not None:
             placed.append(Placement(path, rule, None, device))
         for cname, child in module.named_children():
@@ -129,6 +132,28 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
 
     visit(model, "", default_device, None, "")
     return placed
+
+
+def _bridge(module: nn.Module, device: torch.device, parent_device: torch.device | None) -> None:
+    """A module placed on another device than its parent gets its tensor inputs moved there and its
+    output moved back to where the input came from, so rules can split a block across devices."""
+    if parent_device is None or device == parent_device:
+        return
+
+    def move_in(mod, args):
+        mod._bridge_from = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def move_out(mod, args, out):
+        home = mod.__dict__.pop("_bridge_from", None)
+        if home is None:
+            return out
+        if isinstance(out, tuple):
+            return tuple(o.to(home) if isinstance(o, torch.Tensor) else o for o in out)
+        return out.to(home) if isinstance(out, torch.Tensor) else out
+
+    module.register_forward_pre_hook(move_in)
+    module.register_forward_hook(move_out)
 
 
 def int8_rules(scheme: str, device: torch.device | str) -> list[Rule]:

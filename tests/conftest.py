@@ -41,7 +41,7 @@ def tiny_fp8_dir(tmp_path_factory):
 def tiny_model(tiny_dir):
     import hybrid_r1
 
-    return hybrid_r1.load(tiny_dir)
+    return hybrid_r1.load(tiny_dir, device="cpu")  # the CPU fp32 path, also on a GPU machine
 
 
 def random_ids(n: int, vocab: int = SMALL_VOCAB, seed: int = 0) -> list[int]:

@@ -51,3 +51,33 @@ def test_cuda_decode_matches_prefill(tiny_dir):
     assert ((stepped - full).norm() / full.norm()).item() <= 1e-4  # TF32-free fp32 on GPU
     out = model.generate(ids, max_new_tokens=8, stop=[])
     assert len(out) == 8 and out.stats.decode_tok_s > 0
+
+
+def test_default_hybrid_rules_ggml_experts_on_cpu_int8_on_gpu(tmp_path):
+    """The product's placement: rules/int8-gpu-ggml-experts.yaml on a GGUF model. Routed experts run
+    by ggml on the CPU from the file's bytes, everything else on the GPU with INT8 linears."""
+    from pathlib import Path
+
+    from conftest import SMALL_VOCAB
+    from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
+    from hybrid_r1.synth import SyntheticWeights, preset_config
+
+    cfg = preset_config("tiny", vocab_size=SMALL_VOCAB, q_lora_rank=128)  # 128 rows: q_a+kv_a fuse in block INT8
+    (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=3), tmp_path / "m.gguf", type_mix="Q8_0")
+    rules = Path(__file__).resolve().parent.parent / "rules" / "int8-gpu-ggml-experts.yaml"
+    model = hybrid_r1.load(gguf, rules=rules)
+    ops = {p.path: (p.op, p.device.type) for p in model.placements if p.op}
+    assert ops["model.layers.1.mlp.experts"] == ("experts.ggml_cpu", "cpu")
+    assert ops["model.layers.0.self_attn.o_proj"] == ("linear.int8_block", "cuda")
+    assert hasattr(model.module.model.layers[1].self_attn, "qkv_a_proj")  # fused on the GPU
+    ref = hybrid_r1.load(gguf, device="cpu", dtype=torch.float32)  # same GGML experts, fp32 elsewhere
+    ids = random_ids(40, seed=42)
+    ref_logits, chosen, _ = record_routing(ref, ids)
+    hooks = replay_routing(model, [c.cuda() for c in chosen])
+    kl, rel = metrics(model.logits(ids).cpu(), ref_logits)
+    for h in hooks:
+        h.remove()
+    print(f"hybrid vs fp32: mean KL {kl.mean():.2e}, max rel {rel.max():.3f}")
+    assert kl.mean() <= 1e-2 and rel.max() <= 0.25, (kl.mean(), rel.max())  # block INT8 + bf16 on top of Q8_0
+    out = model.generate(ids, max_new_tokens=4, stop=[])
+    assert len(out) == 4

@@ -21,7 +21,7 @@ from routing import metrics, record_routing, replay_routing
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-    ref = hybrid_r1.load(tiny_dir)
+    ref = hybrid_r1.load(tiny_dir, device="cpu")
     prompt = random_ids(24, seed=30)
     ids = prompt + list(ref.generate(prompt, max_new_tokens=40, stop=[]))  # teacher forcing
     logits, chosen, margin = record_routing(ref, ids)
@@ -38,7 +38,7 @@ def results(tiny_dir, reference):
     ids, ref_logits, chosen, margin = reference
     out = {}
     for name, kw in RUNS.items():
-        model = hybrid_r1.load(tiny_dir, **kw)
+        model = hybrid_r1.load(tiny_dir, device="cpu", **kw)
         if name != "bf16":
             assert sum(p.op == f"linear.int8_{name}" for p in model.placements) > 100  # INT8 ops really ran
         out[name, "natural"] = metrics(model.logits(ids), ref_logits)

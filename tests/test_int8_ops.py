@@ -20,7 +20,8 @@ class Source:
         self.name, self.stored, self.extra, self.dense = name, stored, extra or {}, dense
 
     def has(self, name):
-        return name == self.name
+        prefix = self.name[: -len("weight")]
+        return name == self.name or name in {prefix + k for k in self.extra}
 
     def shape(self, name):
         return tuple(self.stored.shape)
@@ -71,13 +72,13 @@ def test_fused_projections_compute_the_same(tmp_path, monkeypatch, scheme, q_lor
 
     cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2, q_lora_rank=q_lora_rank)
     path = write_checkpoint(tmp_path / "ck", SyntheticWeights(cfg), tokenizer=False)
-    fused = hybrid_r1.load(path, quantize=scheme)
+    fused = hybrid_r1.load(path, device="cpu", quantize=scheme)
     attn, mlp = fused.module.model.layers[0].self_attn, fused.module.model.layers[0].mlp
     assert hasattr(attn, "qkv_a_proj") and not hasattr(attn, "q_a_proj")
     assert hasattr(mlp, "gate_up_proj") and mlp.gate_up_proj.glu
     assert hasattr(fused.module.model.layers[1].mlp.shared_experts, "gate_up_proj")
     monkeypatch.setattr(loading, "fuse", lambda module: None)
-    plain = hybrid_r1.load(path, quantize=scheme)
+    plain = hybrid_r1.load(path, device="cpu", quantize=scheme)
     assert hasattr(plain.module.model.layers[0].self_attn, "q_a_proj")
     ids = list(range(3, 40))
     a, b = fused.logits(ids), plain.logits(ids)

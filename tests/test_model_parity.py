@@ -26,7 +26,7 @@ def reference(path):
 @pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_noqlora_dir"])
 def test_logits_match_transformers(fixture, request):
     path = request.getfixturevalue(fixture)
-    ours = hybrid_r1.load(path)
+    ours = hybrid_r1.load(path, device="cpu")
     assert (ours.config.q_lora_rank is None) == (fixture == "tiny_noqlora_dir")
     ref = reference(path)
     ids = random_ids(48, seed=3)
@@ -40,7 +40,7 @@ def test_logits_match_transformers(fixture, request):
 
 
 def test_greedy_continuation_matches_transformers(tiny_dir):
-    ours = hybrid_r1.load(tiny_dir)
+    ours = hybrid_r1.load(tiny_dir, device="cpu")
     ref = reference(tiny_dir)
     prompt = random_ids(12, seed=4)
     got = ours.generate(prompt, max_new_tokens=32, stop=[])

@@ -88,3 +88,19 @@ def test_default_rule_file_places_experts_on_cpu_and_rest_on_gpu():
     assert by_path["model.layers.0.mlp.gate_proj"].device == torch.device("cuda")
     assert by_path["model.layers.2.self_attn.kv_b_proj"].op is None
     assert model.lm_head.placement_device == torch.device("cuda")
+
+
+def test_rules_on_a_gguf_model_run_on_the_cpu(tmp_path):
+    """ggml experts plus INT8 linears, all on the CPU, from a GGUF file: runs and stays finite."""
+    import hybrid_r1
+    from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
+    from hybrid_r1.synth import SyntheticWeights
+
+    cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2)
+    (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=4), tmp_path / "m.gguf", type_mix="Q8_0")
+    rules = [{"name": r"^model\.layers\.\d+\.mlp\.experts$", "op": "experts.ggml_cpu", "device": "cpu"}]
+    model = hybrid_r1.load(gguf, device="cpu", rules=rules + [{"name": r"^model\.layers\.", "class": "Linear",
+                                                 "op": "linear.int8_channel", "device": "cpu"}])
+    ops = {p.op for p in model.placements}
+    assert {"experts.ggml_cpu", "linear.int8_channel"} <= ops
+    assert torch.isfinite(model.logits([1, 2, 3, 4])).all()

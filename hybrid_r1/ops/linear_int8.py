@@ -47,15 +47,18 @@ class Int8Linear(nn.Module):
         if shape != (self.out_features, self.in_features):
             raise CheckpointError(f"shape {list(shape)} does not match the model's "
                                   f"{[self.out_features, self.in_features]}", file=source.path, tensor=name)
-        stored, extra = source.raw(name)
-        if stored.dtype == torch.int8:
+        # Stored INT8 comes with its scale tensor; anything else (BF16, FP8, GGML blocks) is
+        # quantized here from its dequantized values, exactly as the converter would.
+        has_scale = any(source.has(f"{prefix}.{suffix}") for suffix in SCHEMES.values())
+        stored, extra = source.raw(name) if has_scale else (None, {})
+        if stored is not None and stored.dtype == torch.int8:
             scale = extra.get(SCHEMES[self.scheme])
             if scale is None:
                 found = ", ".join(extra) or "no scale"
                 raise CheckpointError(f"an int8 {self.scheme} linear needs {SCHEMES[self.scheme]}, found {found}: "
                                       f"the checkpoint is quantized with another scheme", file=source.path, tensor=name)
             q, s = stored, scale.float()
-        else:  # quantize while loading, exactly as the converter would
+        else:
             from hybrid_r1_merge_tools.quantize import quantize_weight
 
             q, s = quantize_weight(source.tensor(name, torch.bfloat16), self.scheme)
@@ -63,7 +66,10 @@ class Int8Linear(nn.Module):
         self.weight_scale = s.to(self.device).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device)
+        home = x.device  # the result goes back where the input came from (a rule may split a block)
+        return self._forward(x.to(self.device)).to(home)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             from hybrid_r1_kernels import int8_linear as k
 
