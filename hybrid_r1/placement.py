@@ -119,8 +119,7 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
                 new = op_class(rule.op).from_module(module, device=device, dtype=dtype, **rule.args)
             except TypeError as e:
                 raise RuleError(f"{rule.where}: bad args for {rule.op}: {e}") from None
-            setattr(parent, attr, new)
-            _bridge(new, device, parent_device)
+            setattr(parent, attr, new)  # operators return on the caller's device themselves
             placed.append(Placement(path, rule, rule.op, device))
             return
         module.placement_device = device  # read by the loader for this module's own tensors
@@ -135,8 +134,9 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
 
 
 def _bridge(module: nn.Module, device: torch.device, parent_device: torch.device | None) -> None:
-    """A module placed on another device than its parent gets its tensor inputs moved there and its
-    output moved back to where the input came from, so rules can split a block across devices."""
+    """A kept module placed on another device than its parent gets its tensor inputs moved there and
+    its output moved back to where the input came from, so rules can split a block across devices.
+    (Operators need no hooks: they do the same in their forward, fused ones included.)"""
     if parent_device is None or device == parent_device:
         return
 

@@ -2,7 +2,8 @@
 
 Each operator class has `from_module(module, device, dtype, **args)` (build the replacement of
 `module`, weights not loaded) and `load_weights(source, prefix)` (fetch its tensors from a
-WeightSource). Rules name operators by these keys, never by import path.
+WeightSource). forward takes inputs on any device and returns on the input's device, so a rule
+can put an operator elsewhere than its block. Rules name operators by these keys, never by import path.
 """
 
 from __future__ import annotations
