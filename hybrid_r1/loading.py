@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .formats.safetensors import SafetensorsCheckpoint
-from .formats.source import WeightSource
+from .formats.source import WeightSource, check_tensor
 from . import placement
 from .model import DeepseekV3
 
@@ -59,12 +59,7 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
     t0 = time.perf_counter()
 
     def fetch(name: str, like: torch.Tensor, want: torch.dtype, device: torch.device) -> torch.Tensor:
-        if not source.has(name):
-            raise CheckpointError("tensor missing from the checkpoint", file=source.path, tensor=name)
-        shape = tuple(source.shape(name))
-        if shape != tuple(like.shape):
-            raise CheckpointError(f"shape {list(shape)} does not match the model's {list(like.shape)}",
-                                  file=_file_of(source, name), tensor=name)
+        check_tensor(source, name, like.shape)
         return source.tensor(name, want).to(device)
 
     def visit(mod: nn.Module, prefix: str, device: torch.device) -> None:
@@ -91,11 +86,6 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
 
     visit(module, "", device)
     log.info("loaded %d tensors from %s in %.1f s", done, source.path, time.perf_counter() - t0)
-
-
-def _file_of(source: WeightSource, name: str) -> str:
-    file_of = getattr(source, "file_of", None)
-    return file_of(name) if file_of else source.path
 
 
 def load(path: str | Path, *, rules=None, dtype: torch.dtype | None = None,

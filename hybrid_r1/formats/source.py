@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..errors import CheckpointError
 from .ggml_tensor import GGMLTensor
 
 
@@ -35,3 +36,14 @@ class WeightSource(Protocol):
     def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
         """GGML-quantized routed experts of `layer` as {"gate", "up", "down"} -> GGMLTensor
         (3-D, one expert per outer index), or None if this source stores experts otherwise."""
+
+
+def check_tensor(source: WeightSource, name: str, shape: tuple[int, ...]) -> None:
+    """`name` must be in `source` with the model's `shape`; else a CheckpointError naming both."""
+    if not source.has(name):
+        raise CheckpointError("tensor missing from the checkpoint", file=source.path, tensor=name)
+    found = tuple(source.shape(name))
+    if found != tuple(shape):
+        file_of = getattr(source, "file_of", None)
+        raise CheckpointError(f"shape {list(found)} does not match the model's {list(shape)}",
+                              file=file_of(name) if file_of else source.path, tensor=name)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..formats.source import WeightSource
+from ..formats.source import WeightSource, check_tensor
 
 SCHEMES = {"block": "weight_scale_inv", "channel": "weight_scale"}
 
@@ -41,12 +41,7 @@ class Int8Linear(nn.Module):
 
     def load_weights(self, source: WeightSource, prefix: str) -> None:
         name = prefix + ".weight"
-        if not source.has(name):
-            raise CheckpointError("tensor missing from the checkpoint", file=source.path, tensor=name)
-        shape = tuple(source.shape(name))
-        if shape != (self.out_features, self.in_features):
-            raise CheckpointError(f"shape {list(shape)} does not match the model's "
-                                  f"{[self.out_features, self.in_features]}", file=source.path, tensor=name)
+        check_tensor(source, name, (self.out_features, self.in_features))
         # Stored INT8 comes with its scale tensor; anything else (BF16, FP8, GGML blocks) is
         # quantized here from its dequantized values, exactly as the converter would.
         has_scale = any(source.has(f"{prefix}.{suffix}") for suffix in SCHEMES.values())
