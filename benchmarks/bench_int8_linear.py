@@ -144,7 +144,10 @@ def report(header, checks, rows) -> str:
          "and to a multiple of 8 (shown). Ratios: BF16 time / ours (> 1 = faster than BF16).",
          "- GB/s counts weight bytes only (int8 + scales, or bf16); TFLOP/s = 2MNK / time. The last "
          "column times the separate activation quantizers alone (part of block / channel time when the "
-         "config does not fuse them).", ""]
+         "config does not fuse them).",
+         f"- bound: weight bytes / {header['bw']:.0f} GB/s (a 256 MiB device copy, read + write, measured "
+         "in the same run): the time no kernel can beat at decode; the int8 bound counts the int8 "
+         "weight (scales add < 0.1%), the bf16 bound twice that.", ""]
     if checks:
         L += ["## Correctness at full size", "",
               "Relative error ||out - ref|| / ||ref||. vs fp32: reference = fp32 activation x fp32 "
@@ -160,8 +163,8 @@ def report(header, checks, rows) -> str:
     L += ["## Speed", "",
           "| shape (K->N) | M | bf16 us | block us | block x | channel us | channel x | _int_mm us (M) "
           "| _int_mm x | block TFLOP/s | block GB/s | channel TFLOP/s | channel GB/s | bf16 GB/s "
-          "| act quant us (group / token) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| act quant us (group / token) | int8 bound us | bf16 bound us |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rows_w = 2 * r["N"] if r["glu"] else r["N"]
         flop = 2 * r["M"] * rows_w * r["K"]
@@ -172,7 +175,8 @@ def report(header, checks, rows) -> str:
             f"{r['channel']:.1f} | {r['bf16'] / r['channel']:.2f} | {r['int_mm']:.1f} ({r['int_mm_M']}) | "
             f"{r['bf16'] / r['int_mm']:.2f} | {flop / r['block'] / 1e6:.0f} | {b8 / r['block'] / 1e3:.0f} | "
             f"{flop / r['channel'] / 1e6:.0f} | {b8 / r['channel'] / 1e3:.0f} | "
-            f"{2 * b8 / r['bf16'] / 1e3:.0f} | {r['quant_group']:.1f} / {r['quant_token']:.1f} |")
+            f"{2 * b8 / r['bf16'] / 1e3:.0f} | {r['quant_group']:.1f} / {r['quant_token']:.1f} | "
+            f"{b8 / header['bw'] / 1e3:.1f} | {2 * b8 / header['bw'] / 1e3:.1f} |")
     L += ["", "## Against the issue's targets", ""]
     base = [r for r in rows if r["shape"] in BASE]
     for scheme in ("block", "channel"):
@@ -217,15 +221,12 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(dev)
     header = dict(gpu=torch.cuda.get_device_name(dev), cc=f"{props.major}{props.minor}",
                   sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-                  cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"), configs=source)
+                  cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"), configs=source,
+                  bw=T.copy_bandwidth(dev))
     checks = correctness(dev, args.shapes, args.check_m) if args.check_m else []
     rows = speed(dev, args.shapes, args.m)
-    text = report(header, checks, rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps(dict(header=header, checks=checks, rows=rows), indent=1))
-    print(text)
+    T.write_report(args.out, report(header, checks, rows), args.json,
+                   dict(header=header, checks=checks, rows=rows))
 
 
 if __name__ == "__main__":

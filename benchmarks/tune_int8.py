@@ -84,6 +84,24 @@ def time_calls(fns, replays: int = 7) -> float:
     return statistics.median(times) * 1000.0 / len(fns)
 
 
+def copy_bandwidth(device) -> float:
+    """GB/s of a 256 MiB device-to-device copy (read + write counted): the achievable HBM rate,
+    the denominator of every 'bound' column."""
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    us = time_calls([lambda: y.copy_(x)], replays=9)
+    return 2 * x.numel() / us / 1e3
+
+
+def write_report(out: Path, text: str, json_path: Path | None, data: dict) -> None:
+    """The markdown table to `out`, the raw numbers to `json_path` (optional), the table to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if json_path:
+        json_path.write_text(json.dumps(data, indent=1))
+    print(text)
+
+
 def make_weights(N: int, K: int, glu: bool, copies: int, device):
     """Random int8 weights and both scale layouts (values do not change the timing)."""
     rows = 2 * N if glu else N
@@ -126,11 +144,13 @@ def candidates(scheme: str, N: int, K: int, M: int, glu: bool, sms: int, smem: i
         opts = {base, max(1, min(2 * base, n_kt // 2))}
         if tiles >= sms // 2:
             opts.add(1)
+        if M <= 16:  # decode: how the split fills the waves decides the tail; try a wider range
+            opts |= {s for s in (2, 3, 4, 6, 8, 12, 16) if n_kt // s >= 2}
         return sorted(opts)
 
     if M <= 16:
         for bn, bk in (((32, 128), (64, 128), (128, 128)) if block else ((32, 256), (64, 256), (128, 128))):
-            add(16, bn, bk, 4, 4, (True, False), splits(16, bn, bk))
+            add(16, bn, bk, 4, 4, (True, False) if block else (False,), splits(16, bn, bk))
     elif M <= 64:
         for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128)):
             add(bm, bn, 128, 4, 4, (True, False), splits(bm, bn, 128))
@@ -153,8 +173,7 @@ def compile_key(scheme, N, K, glu, cfg):
     # What Triton specializes on, near enough: constexprs, and 16-divisibility of the scale strides.
     d = dataclasses.asdict(cfg)
     d["SPLIT_K"] = cfg.SPLIT_K > 1
-    return (scheme, glu, K % cfg.BLOCK_K == 0, (-(-K // 128)) % 16 == 0, N % 16 == 0,
-            tuple(sorted(d.items())))
+    return (scheme, glu, K % cfg.BLOCK_K == 0, (-(-K // 128)) % 16 == 0, N % 16 == 0, tuple(sorted(d.items())))
 
 
 # ------------------------------------------------------------------------ precompile ---------
@@ -222,7 +241,12 @@ def tune(out_dir: Path, schemes, m_list, workers: int, budget_s: float, names=No
     meta = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "arch": arch, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
             "method": "median CUDA-graph replay, weights rotated over >= 3x L2, activation quant included"}
-    tables = {s: {"meta": meta, "configs": {}, "timings_us": {}} for s in schemes}
+    # Start from the shipped tables: a run over some M buckets replaces just those.
+    tables = {}
+    for s in schemes:
+        f = out_dir / f"int8_{s}_{arch}.json"
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        tables[s] = {"meta": meta, "configs": old.get("configs", {}), "timings_us": old.get("timings_us", {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     for M in order:
         for name in names:
@@ -263,7 +287,8 @@ def tune(out_dir: Path, schemes, m_list, workers: int, budget_s: float, names=No
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "kernels" / "configs")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "kernels" / "configs",
+                   help="folder of int8_<scheme>_<arch>.json; existing tables there are updated")
     p.add_argument("--m", type=int, nargs="+", default=list(M_LIST))
     p.add_argument("--schemes", nargs="+", default=["block", "channel"], choices=["block", "channel"])
     p.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES))

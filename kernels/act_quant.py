@@ -121,11 +121,13 @@ def per_token_group_quant(
     q, s = _outputs(out, M, K, n_groups, x.device)
     n_pairs = M * n_groups
     if n_pairs:
-        block_p = 16  # 16 x 128 elements per program: enough bytes in flight, few registers
+        # Swept by benchmarks/bench_act_quant.py (H200): few rows want small programs (more of
+        # them, shorter latency chains); many rows want 16 groups per program on 2 warps.
+        block_p, warps = (4, 4) if M <= 64 else (16, 2)
         grid = (triton.cdiv(n_pairs, block_p),)
         _group_quant_kernel[grid](
             x2, q, s, n_pairs, K, n_groups, x2.stride(0),
-            GROUP=group_size, BLOCK_P=block_p, TRUNC=trunc, num_warps=4,
+            GROUP=group_size, BLOCK_P=block_p, TRUNC=trunc, num_warps=warps,
         )
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], n_groups)
 
@@ -141,13 +143,14 @@ def per_token_quant(
     if M:
         # Rows up to 16K are read once and held in registers, one row per program (H100: twice
         # as fast as two passes at K=7168). A 32K block for 18432-wide rows was slower than two
-        # passes (301 vs 151 us at M=4096), so longer rows keep the measured two-pass settings.
+        # passes (301 vs 151 us at M=4096). Warps and two-pass block from bench_act_quant.py's
+        # sweep (H200): with few rows, 32 warps shorten each row's chain (K=7168, M=1: 3.1 vs 4.4 us).
         one_pass = K <= _ONE_PASS_MAX_K
         if one_pass:
             block_r, block_k = 1, triton.next_power_of_2(max(K, 16))
-            warps = 16 if block_k >= 16384 else 8 if block_k >= 4096 else 4
+            warps = 32 if M <= 64 and block_k >= 1024 else 16 if block_k >= 16384 else 8 if block_k >= 4096 else 4
         else:
-            block_r, block_k, warps = (1 if M < 1024 else 4), 2048, 4
+            block_r, block_k, warps = 1, 4096, 8
         _token_quant_kernel[(triton.cdiv(M, block_r),)](
             x2, q, s, M, K, x2.stride(0),
             BLOCK_R=block_r, BLOCK_K=block_k, TRUNC=trunc, ONE_PASS=one_pass, num_warps=warps,

@@ -7,9 +7,8 @@ Options, all compile-time:
            token for channel after an amax pre-pass over the row): no separate launch, no int8 A in
            memory. Every N tile re-quantizes A, so it pays only with few N tiles (kv_a at M = 1 on
            the H100); the tuner decides per shape (GemmConfig.FUSED).
-  SPLIT_K  programs along grid axis 1 each take a K range and write a partial tile to a workspace;
-           the last one to finish a tile (atomic counter) sums the partials and runs the epilogue, so
-           split-K stays one launch. For decode, where M <= 16 leaves too few N tiles to fill the SMs.
+  SPLIT_K  programs along grid axis 1 each take a K range and write a partial tile; the last one to
+           finish a tile sums them (splitk.py), so split-K stays one launch.
   GLU      W is [2N, K] = cat(gate, up); the epilogue writes silu(gate) * up, [M, N].
 Layouts: a [M, K] (row stride free, K contiguous); w [N, K] contiguous (nn.Linear); block a_s
 [M, ceil(K/128)], w_s [ceil(N/128), ceil(K/128)]; channel a_s [M, 1], w_s [N, 1] or [N]; all fp32.
@@ -23,18 +22,9 @@ import triton.language as tl
 
 from .act_quant import _quant, _scale, check_rounding
 from .configs import GemmConfig, get_config
+from .splitk import _i32_to_f32, store_tile, workspace
 
 SCALE_BLOCK = 128  # block format: weight tile side and activation group
-_LOCK_SLOTS = 1 << 16  # split-K tile counters per (device, stream); self-resetting
-_locks: dict = {}
-
-
-@triton.jit
-def _i32_to_f32(d):
-    # |d| <= 128 * 128 * 128 < 2**22 for one 128-deep K tile, so adding the bits of 1.5 * 2**23
-    # gives the float 1.5 * 2**23 + d exactly: an integer add and a float add, both full rate,
-    # instead of I2F, which runs at a quarter of the FMA rate and bounds the block-scaled loop.
-    return (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
@@ -45,29 +35,6 @@ def _scaled(d, a_sc, b_sc, SCALAR_BS: tl.constexpr):
         return _i32_to_f32(d) * a_sc[:, None] * b_sc[None, :]
 
 
-@triton.jit
-def _sum4(ptrs, step, mask, left):
-    left = tl.zeros(mask.shape, tl.int32) + left  # a tensor: the interpreter rejects mask & scalar
-    p0 = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
-    p1 = tl.load(ptrs + step, mask=mask & (left > 1), other=0, cache_modifier=".cg")
-    p2 = tl.load(ptrs + 2 * step, mask=mask & (left > 2), other=0, cache_modifier=".cg")
-    p3 = tl.load(ptrs + 3 * step, mask=mask & (left > 3), other=0, cache_modifier=".cg")
-    return (p0 + p1) + (p2 + p3)
-
-
-@triton.jit
-def _finish(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE: tl.constexpr, GLU: tl.constexpr):
-    if BLOCK_SCALE:
-        out = acc
-        up = acc_up
-    else:
-        out = acc.to(tl.float32) * a_tok[:, None] * w_sc[None, :]
-        up = acc_up.to(tl.float32) * a_tok[:, None] * w_sc_up[None, :]
-    if GLU:
-        out = out * tl.sigmoid(out) * up
-    return out
-
-
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _int8_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, ws_ptr, lock_ptr,
@@ -75,7 +42,7 @@ def _int8_gemm_kernel(
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     up_row, up_srow,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, A_ROWS: tl.constexpr,
     BLOCK_SCALE: tl.constexpr, QUANT_A: tl.constexpr, TRUNC: tl.constexpr, GLU: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
@@ -129,22 +96,41 @@ def _int8_gemm_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_up = tl.zeros_like(acc)
 
+    # Block scheme, A quantized here: only the A_ROWS distinct rows (all of them when M fills the
+    # tile) are read and quantized, one K tile ahead of use, because Triton does not pipeline loads
+    # that feed anything but a dot, and padding M = 1 to 16 rows would quantize 16 copies.
+    GROUP_QUANT: tl.constexpr = QUANT_A and BLOCK_SCALE
+    k_end = tl.minimum(K, kt1 * BLOCK_K)
+    a_rows_c = a_ptr + ((pid_m * BLOCK_M + tl.arange(0, A_ROWS)) % M)[:, None] * stride_am
+    a_next = tl.zeros([A_ROWS, BLOCK_K], dtype=a_ptr.dtype.element_ty)
+    if GROUP_QUANT:
+        k = kt0 * BLOCK_K + rk
+        a_next = tl.load(a_rows_c + k[None, :], mask=k[None, :] < k_end, other=0.0)
+
     for kt in range(kt0, kt1):
         k = kt * BLOCK_K + rk
         if EVEN_K:
-            a = tl.load(a_rows + k[None, :])
             b = tl.load(b_cols + k[:, None])
         else:
-            a = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
             b = tl.load(b_cols + k[:, None], mask=k[:, None] < K, other=0)
-        if QUANT_A:
-            af = a.to(tl.float32)
-            if BLOCK_SCALE:
-                a_sc = _scale(tl.max(tl.abs(af), axis=1))  # the K tile is the 128-group
-            else:
-                a_sc = a_tok
+        if GROUP_QUANT:
+            af = a_next.to(tl.float32)
+            a_next = tl.load(a_rows_c + (k + BLOCK_K)[None, :], mask=(k + BLOCK_K)[None, :] < k_end,
+                             other=0.0)
+            a_sc = _scale(tl.max(tl.abs(af), axis=1))  # the K tile is the 128-group
             a = _quant(af, a_sc, TRUNC)
-        elif BLOCK_SCALE:
+            if A_ROWS < BLOCK_M:  # tile row r holds row r % A_ROWS: exact for the rows r < M kept
+                a = tl.reshape(tl.broadcast_to(a[None, :, :], [BLOCK_M // A_ROWS, A_ROWS, BLOCK_K]),
+                               [BLOCK_M, BLOCK_K])
+                a_sc = tl.reshape(tl.broadcast_to(a_sc[None, :], [BLOCK_M // A_ROWS, A_ROWS]), [BLOCK_M])
+        elif EVEN_K:
+            a = tl.load(a_rows + k[None, :])
+        else:
+            a = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
+        if QUANT_A and not BLOCK_SCALE:
+            a_sc = a_tok
+            a = _quant(a.to(tl.float32), a_sc, TRUNC)
+        elif not QUANT_A and BLOCK_SCALE:
             a_sc = tl.load(a_s_ptr + rm * stride_asm + kt)
         if BLOCK_SCALE:
             acc += _scaled(tl.dot(a, b, out_dtype=tl.int32), a_sc, tl.load(bs_rows + kt), SCALAR_BS)
@@ -167,49 +153,8 @@ def _int8_gemm_kernel(
         if GLU:
             w_sc_up = tl.load(b_s_ptr + (rn + up_srow) * stride_bsn)
 
-    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    if not USE_SPLIT:
-        out = _finish(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE, GLU)
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        # Partials: ws[split, 1 + GLU, M, N] (int32 for channel: exact; fp32 for block).
-        mn = M * N
-        n_acc = 2 if GLU else 1
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k * (n_acc * mn) + tile, acc, mask=c_mask)
-        if GLU:
-            tl.store(ws_ptr + pid_k * (n_acc * mn) + mn + tile, acc_up, mask=c_mask)
-        # All threads' partial stores precede the counter bump (bar.sync, then an acq_rel atomic
-        # at GPU scope): the last program to arrive sees every partial.
-        tl.debug_barrier()
-        tile_id = pid_m * grid_n + pid_n
-        count = tl.atomic_add(lock_ptr + tile_id, 1)
-        if count == split_k - 1:
-            acc = tl.zeros_like(acc)
-            acc_up = tl.zeros_like(acc)
-            # Four partials per step, loads independent: L2 latency overlaps instead of adding up.
-            step = n_acc * mn
-            for s in range(0, split_k, 4):
-                part = ws_ptr + s * step + tile
-                acc += _sum4(part, step, c_mask, split_k - s)
-                if GLU:
-                    acc_up += _sum4(part + mn, step, c_mask, split_k - s)
-            out = _finish(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE, GLU)
-            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-            tl.atomic_xchg(lock_ptr + tile_id, 0)  # ready for the next launch on this stream
-
-
-def _lock_buffer(device: torch.device) -> torch.Tensor:
-    # One counter array per (device, stream): two split-K launches running concurrently on
-    # different streams must not share counters. Zeroed once; each tile's last program resets it.
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _locks.get(key)
-    if buf is None:
-        buf = torch.zeros(_LOCK_SLOTS, dtype=torch.int32, device=device)
-        _locks[key] = buf
-    return buf
+    store_tile(acc, acc_up, a_tok, w_sc, w_sc_up, offs_m, offs_n, M, N, c_ptr, stride_cm,
+               ws_ptr, lock_ptr, pid_m * grid_n + pid_n, pid_k, split_k, USE_SPLIT, BLOCK_SCALE, GLU)
 
 
 def _check_weight(w, w_s, n_rows, K, block_scale, glu):
@@ -273,28 +218,22 @@ def int8_gemm(
     if M == 0:
         return c
     cfg = config or get_config("block" if block_scale else "channel", N, K, M, glu, a.device)
+    w_s2 = w_s.reshape(w_s.shape[0], -1) if block_scale else w_s.reshape(-1)
     if block_scale and cfg.BLOCK_K != SCALE_BLOCK:
         raise ValueError(f"block scales need BLOCK_K == {SCALE_BLOCK}, got {cfg.BLOCK_K}")
     grid_mn = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     split = max(1, min(cfg.SPLIT_K, triton.cdiv(K, cfg.BLOCK_K)))
-    if split > 1:
-        if grid_mn > _LOCK_SLOTS:
-            raise ValueError(f"split-K over {grid_mn} tiles exceeds {_LOCK_SLOTS} counters")
-        acc_dtype = torch.float32 if block_scale else torch.int32
-        ws = torch.empty(split * (2 if glu else 1) * M * N, dtype=acc_dtype, device=a.device)
-        locks = _lock_buffer(a.device)
-    else:
-        ws, locks = c, c  # unused
-    w_s2 = w_s.reshape(w_s.shape[0], -1) if block_scale else w_s.reshape(-1)
+    ws, locks = workspace(split, grid_mn, M, N, glu, block_scale, a.device)
     a_s_arg = a_s if a_s is not None else c  # unused when quantizing in the kernel
     _int8_gemm_kernel[(grid_mn, split)](
-        a, a_s_arg, w, w_s2, c, ws, locks,
+        a, a_s_arg, w, w_s2, c, ws if ws is not None else c, locks if locks is not None else c,
         M, N, K, split,
         a.stride(0), a_s.stride(0) if a_s is not None else 0, w.stride(0),
         w_s2.stride(0), c.stride(0),
         N if glu else 0, (w_s2.shape[0] // 2 if block_scale else N) if glu else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=K % cfg.BLOCK_K == 0, USE_SPLIT=split > 1,
+        A_ROWS=min(triton.next_power_of_2(M), cfg.BLOCK_M) if M <= cfg.BLOCK_M else cfg.BLOCK_M,
         BLOCK_SCALE=block_scale, QUANT_A=quant_a, TRUNC=trunc, GLU=glu,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

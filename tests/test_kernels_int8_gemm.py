@@ -101,9 +101,10 @@ def test_gemm_int8_inputs(M, N, K, block, split):
 @pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu"])
 @pytest.mark.parametrize("rounding", ["nearest_even", "trunc"])
 @pytest.mark.parametrize("split", [1, 2])
-def test_fused_quant(block, glu, rounding, split):
+@pytest.mark.parametrize("M", [1, 3, 17])  # 1 and 3 rows broadcast into a 16-row tile; 17: two tiles
+def test_fused_quant(block, glu, rounding, split, M):
     # Activation quantized inside the GEMM must equal quantize-then-GEMM exactly (same formula).
-    M, N, K = 3, 200, 320
+    N, K = 200, 320
     w, w_s = _weights(N, K, block, glu, seed=5)
     x = _activation(M, K, seed=9)
     cfg = GemmConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split)
