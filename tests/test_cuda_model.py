@@ -3,8 +3,11 @@ Skipped without CUDA; run on the device machine."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 import hybrid_r1
 from conftest import random_ids
@@ -53,18 +56,15 @@ def test_cuda_decode_matches_prefill(tiny_dir):
     assert len(out) == 8 and out.stats.decode_tok_s > 0
 
 
-def test_default_hybrid_rules_ggml_experts_on_cpu_int8_on_gpu(tmp_path):
-    """The product's placement: rules/int8-gpu-ggml-experts.yaml on a GGUF model. Routed experts run
-    by ggml on the CPU from the file's bytes, everything else on the GPU with INT8 linears."""
-    from pathlib import Path
-
+def _hybrid_vs_fp32(tmp_path, rules):
+    """Loads a tiny GGUF model under `rules` and checks it against the same GGUF in fp32 on the CPU
+    (the same GGML experts), routing replayed. Returns the loaded model."""
     from conftest import SMALL_VOCAB
     from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
     from hybrid_r1.synth import SyntheticWeights, preset_config
 
     cfg = preset_config("tiny", vocab_size=SMALL_VOCAB, q_lora_rank=128)  # 128 rows: q_a+kv_a fuse in block INT8
     (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=3), tmp_path / "m.gguf", type_mix="Q8_0")
-    rules = Path(__file__).resolve().parent.parent / "rules" / "int8-gpu-ggml-experts.yaml"
     model = hybrid_r1.load(gguf, rules=rules)
     ops = {p.path: (p.op, p.device.type) for p in model.placements if p.op}
     assert ops["model.layers.1.mlp.experts"] == ("experts.ggml_cpu", "cpu")
@@ -81,3 +81,27 @@ def test_default_hybrid_rules_ggml_experts_on_cpu_int8_on_gpu(tmp_path):
     assert kl.mean() <= 1e-2 and rel.max() <= 0.25, (kl.mean(), rel.max())  # block INT8 + bf16 on top of Q8_0
     out = model.generate(ids, max_new_tokens=4, stop=[])
     assert len(out) == 4
+    return model
+
+
+RULES = Path(__file__).resolve().parent.parent / "rules" / "int8-gpu-ggml-experts.yaml"
+
+
+def test_default_hybrid_rules_ggml_experts_on_cpu_int8_on_gpu(tmp_path):
+    """The product's placement: rules/int8-gpu-ggml-experts.yaml on a GGUF model. Routed experts run
+    by ggml on the CPU from the file's bytes, everything else on the GPU with INT8 linears; a
+    40-token prompt is below the rule's GPU-prefill threshold."""
+    model = _hybrid_vs_fp32(tmp_path, RULES)
+    experts = model.module.model.layers[1].mlp.experts
+    assert experts.prefill is not None and experts.prefill_min_tokens > 40
+
+
+def test_hybrid_rules_with_gpu_expert_prefill(tmp_path):
+    """The same with the threshold at 1 token: the prompt's experts stream to the GPU (Q8_0 blocks
+    expanded by the Triton kernel), decode stays on ggml."""
+    rules = yaml.safe_load(RULES.read_text())
+    for rule in rules:
+        if rule.get("op") == "experts.ggml_cpu":
+            rule["args"] = {**rule.get("args", {}), "prefill_min_tokens": 1}
+    model = _hybrid_vs_fp32(tmp_path, rules)
+    assert model.module.model.layers[1].mlp.experts.prefill_min_tokens == 1

@@ -22,7 +22,8 @@ import hybrid_r1
 from hybrid_r1.config import ModelConfig
 from hybrid_r1.errors import CheckpointError
 from hybrid_r1.formats import names as N
-from hybrid_r1.formats.gguf import GGUFCheckpoint, config_from_metadata
+from hybrid_r1.formats.gguf import GGUFCheckpoint
+from hybrid_r1.formats.gguf_metadata import config_from_metadata
 from hybrid_r1.formats.gguf_writer import tensor_type, write_gguf_from_checkpoint
 from hybrid_r1.formats.source import WeightSource
 

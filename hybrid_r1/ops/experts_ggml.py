@@ -10,6 +10,8 @@ ggml computes, so the GPU side of the step can run meanwhile.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -17,7 +19,10 @@ from .. import ggml_lib
 from ..errors import CheckpointError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
+from .experts_gpu_prefill import GPUExpertPrefill, supported
 from .experts_reference import check_call, check_cpu, expert_tensors
+
+log = logging.getLogger(__name__)
 
 
 class GGMLExperts(nn.Module):
@@ -25,10 +30,13 @@ class GGMLExperts(nn.Module):
     device and dtype. `threads`: ggml threads (default: the physical cores this process may use).
     `chunk_tokens`: prefill runs in chunks of at most this many tokens (activation memory is about
     320 KB per token at 671B width). `poll`: how long idle ggml workers spin before sleeping
-    (ggml_lib.Executor; 0 frees the cores between layers)."""
+    (ggml_lib.Executor; 0 frees the cores between layers). `prefill_device` (e.g. "cuda:0"): calls
+    of at least `prefill_min_tokens` tokens stream the used experts to that GPU and run there
+    (experts_gpu_prefill.py); types it cannot expand stay on the CPU, with a warning."""
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, threads: int | None = None,
-                 chunk_tokens: int = 1024, poll: int = 0):
+                 chunk_tokens: int = 1024, poll: int = 0, prefill_device: str | None = None,
+                 prefill_min_tokens: int = 256):
         super().__init__()
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -38,7 +46,13 @@ class GGMLExperts(nn.Module):
             raise ValueError(f"poll must be in 0..100, got {poll}")
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
         self.threads = threads or ggml_lib.physical_cores()
+        if prefill_min_tokens < 1:
+            raise ValueError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
+        if prefill_device is not None and torch.device(prefill_device).type != "cuda":
+            raise ValueError(f"prefill_device must be a CUDA device, got {prefill_device!r}")
         self.chunk_tokens, self.poll = chunk_tokens, poll
+        self.prefill_device, self.prefill_min_tokens = prefill_device, prefill_min_tokens
+        self.prefill: GPUExpertPrefill | None = None
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
         self.weights: ggml_lib.ExpertWeights | None = None
 
@@ -56,6 +70,12 @@ class GGMLExperts(nn.Module):
             t = tensors[part]
             raise CheckpointError(f"{why} (experts.dequant computes any type)", file=t.file, tensor=t.name)
         self.tensors, self.weights = tensors, weights
+        if self.prefill_device is not None:
+            if supported(tensors):
+                self.prefill = GPUExpertPrefill(tensors, self.prefill_device)
+            else:
+                log.warning("%s: no GPU expander for %s; prefill stays on the CPU", prefix,
+                            "/".join(ggml_lib.type_name(t.ggml_type) for t in tensors.values()))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
@@ -63,6 +83,8 @@ class GGMLExperts(nn.Module):
         idx = topk_idx.cpu()
         check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
         n, k = idx.shape
+        if self.prefill is not None and n >= self.prefill_min_tokens:
+            return self.prefill(x, idx, topk_w).to(x.device, x.dtype)
         ex = ggml_lib.executor(self.threads, self.poll)
         if n <= self.chunk_tokens:  # decode and short prefill: one graph, no intermediate copies
             with ex.lock:
@@ -86,4 +108,5 @@ class GGMLExperts(nn.Module):
     def extra_repr(self) -> str:
         types = "not loaded" if self.weights is None else "/".join(ggml_lib.type_name(t) for t in self.weights.types)
         return (f"n_experts={self.n_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"threads={self.threads}, poll={self.poll}, {types}")
+                f"threads={self.threads}, poll={self.poll}, {types}"
+                + (f", prefill on {self.prefill_device} from {self.prefill_min_tokens} tokens" if self.prefill else ""))
