@@ -28,6 +28,11 @@ class Step:
     start: int  # cache slot of the first new token; same for every row
     key_valid: torch.Tensor  # [B, start + T] bool: False for padding slots
     mode: str  # "naive" or "absorb"
+    # A step replayed by a CUDA graph (graphs.py) takes everything from fixed device tensors: the
+    # new tokens' cache slots [T] (written with index_copy_) and the attention mask over the whole
+    # reserved capacity [B, T, capacity]; `start` and `key_valid` are then unused.
+    slots: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
 
 
 class KVCache:
@@ -41,6 +46,8 @@ class KVCache:
         self._pe: list[torch.Tensor | None] = [None] * num_layers  # [B, cap, qk_rope_head_dim]
         self._valid = torch.zeros(batch, 0, dtype=torch.bool)  # [B, length] on the CPU
         self._next_pos = torch.zeros(batch, dtype=torch.int64)  # next RoPE position per row
+        self.version = 0  # bumped whenever a layer's buffers move (CUDA graphs must be recaptured)
+        self.decode_graphs = None  # graphs.DecodeGraphs bound to these buffers, made on first use
 
     # ---- per forward call -------------------------------------------------------------------
     def begin(self, new_valid: torch.Tensor, mode: str) -> Step:
@@ -61,9 +68,21 @@ class KVCache:
         self.length = start + t
         return Step(positions=positions, start=start, key_valid=self._valid, mode=mode)
 
-    def write(self, layer: int, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a layer's new latents at slots start.., return views of slots 0..start+T."""
-        end = start + c_kv.shape[1]
+    def write(self, layer: int, step: Step, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new latents at the step's slots, return views of slots 0..start+T (the
+        whole reserved capacity for a graph step, whose mask hides what is not written)."""
+        if step.slots is not None:
+            kv, pe = self._kv[layer], self._pe[layer]
+            kv.index_copy_(1, step.slots, c_kv)
+            pe.index_copy_(1, step.slots, k_pe)
+            return kv, pe
+        end = step.start + c_kv.shape[1]
+        kv, pe = self._grow(layer, end, c_kv, k_pe)
+        kv[:, step.start:end] = c_kv
+        pe[:, step.start:end] = k_pe
+        return kv[:, :end], pe[:, :end]
+
+    def _grow(self, layer: int, end: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         kv, pe = self._kv[layer], self._pe[layer]
         if kv is None or kv.shape[1] < end:
             cap = -(-end // _GROW) * _GROW
@@ -73,9 +92,21 @@ class KVCache:
                 new_kv[:, : kv.shape[1]] = kv
                 new_pe[:, : pe.shape[1]] = pe
             kv, pe = self._kv[layer], self._pe[layer] = new_kv, new_pe
-        kv[:, start:end] = c_kv
-        pe[:, start:end] = k_pe
-        return kv[:, :end], pe[:, :end]
+            self.version += 1
+        return kv, pe
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every allocated layer to hold `capacity` tokens now (a CUDA graph needs buffers that
+        do not move while it is replayed)."""
+        for layer, (kv, pe) in enumerate(zip(self._kv, self._pe)):
+            if kv is not None:
+                self._grow(layer, capacity, kv[:, :0], pe[:, :0])
+
+    @property
+    def capacity(self) -> int:
+        """Tokens every allocated layer can hold without moving (0 before the first write)."""
+        caps = [kv.shape[1] for kv in self._kv if kv is not None]
+        return min(caps) if caps else 0
 
     def truncate(self, length: int) -> None:
         """Forget slots from `length` on (batch 1: used to rewind to a shared prompt prefix)."""
@@ -85,6 +116,11 @@ class KVCache:
         self._next_pos = self._valid.long().sum(1)
         self.length = length
         del self.tokens[length:]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, length] bool on the CPU: False for padding slots."""
+        return self._valid
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._kv + self._pe if t is not None)

@@ -102,6 +102,18 @@ def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int = 
     return logits[-1]
 
 
+def _decode_graphs(module: DeepseekV3, cache: KVCache):
+    """The cache's CUDA-graph decoder for this module (made on first use), or None off the GPU."""
+    from .graphs import DecodeGraphs
+
+    if module.lm_head.weight.device.type != "cuda" or cache.batch != 1:
+        return None
+    runner = cache.decode_graphs
+    if runner is None or runner.module is not module:
+        runner = cache.decode_graphs = DecodeGraphs(module, cache)
+    return runner
+
+
 def reuse_prefix(cache: KVCache, tokens: list[int]) -> int:
     """Keep the cached prefix shared with `tokens` (at least one token is left to compute, for
     its logits); return how many tokens are reused."""
@@ -124,11 +136,14 @@ def generate(
     stop_ids: tuple[int, ...] | list[int] = (),
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int = 512,
+    cuda_graphs: bool = True,
 ) -> Generation:
     """Continue `prompt`; tokens already in `cache` (a previous turn) are reused, not recomputed.
 
     A KeyboardInterrupt from `on_token` (Ctrl-C) ends generation cleanly: the result holds the
-    tokens so far, stop_reason is "interrupted", and the cache covers exactly the tokens fed."""
+    tokens so far, stop_reason is "interrupted", and the cache covers exactly the tokens fed.
+    cuda_graphs: decode steps of a model on a GPU replay CUDA graphs (graphs.py), kept with the
+    cache for the next turn."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     stats = Stats(prompt_tokens=len(prompt))
@@ -138,6 +153,7 @@ def generate(
         generator = torch.Generator()
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     stops = set(stop_ids)
+    runner = _decode_graphs(module, cache) if cuda_graphs else None
     reused = reuse_prefix(cache, prompt)
     stats.prefilled_tokens = len(prompt) - reused
     t0 = t1 = time.perf_counter()
@@ -157,7 +173,10 @@ def generate(
                 on_token(tok)
             if len(out) == max_new_tokens:
                 break
-            logits = forward_tokens(module, [tok], cache)[-1]
+            if runner is not None:
+                logits = runner.step(tok)
+            else:
+                logits = forward_tokens(module, [tok], cache)[-1]
     except KeyboardInterrupt:
         stats.stop_reason = "interrupted"
         cache.truncate(len(cache.tokens))  # drop a step that was cut off half-way through the layers

@@ -77,11 +77,15 @@ class Rotary:
                 self.attention_factor = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
             else:
                 self.attention_factor = yarn_mscale(rs.factor)
-        self.inv_freq = freqs  # [dim/2], on the CPU; moved per call
+        self.inv_freq = freqs  # [dim/2], on the CPU
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # a copy per device, made once
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, ..., dim], positions [B, T] -> x rotated, same layout and dtype."""
-        angle = positions.to(x.device, torch.float32)[..., None] * self.inv_freq.to(x.device)  # [B, T, dim/2]
+        inv = self._inv_freq_on.get(x.device)
+        if inv is None:  # (no host-to-device copy per call: a CUDA graph could not capture one)
+            inv = self._inv_freq_on[x.device] = self.inv_freq.to(x.device)
+        angle = positions.to(x.device, torch.float32)[..., None] * inv  # [B, T, dim/2]
         angle = angle.view(*angle.shape[:2], *([1] * (x.dim() - 3)), angle.shape[-1])
         cos, sin = angle.cos() * self.attention_factor, angle.sin() * self.attention_factor
         xf = x.float().unflatten(-1, (-1, 2))
@@ -130,7 +134,7 @@ class MLA(nn.Module):
         c, k_pe = kv.split([self.rank, self.rope], -1)
         c_kv = self.kv_a_layernorm(c)  # [B, T, rank]
         k_pe = self.rotary(k_pe, step.positions)  # [B, T, rope], one key shared by all heads
-        c_kv, k_pe = cache.write(self.layer, step.start, c_kv, k_pe)  # [B, S, .]
+        c_kv, k_pe = cache.write(self.layer, step, c_kv, k_pe)  # [B, S, .]
         allowed = attention_mask(step, x.device)  # [B, T, S]
         if step.mode == "naive":
             o = self._naive(q_nope, q_pe, c_kv, k_pe, allowed)
@@ -183,6 +187,8 @@ class MLA(nn.Module):
 def attention_mask(step: Step, device: torch.device) -> torch.Tensor:
     """[B, T, S] bool: causal over cache slots, padding keys hidden; each query always sees itself
     (so a padding query's row is never empty and never NaN)."""
+    if step.allowed is not None:  # a graph step: kept up to date by its runner
+        return step.allowed
     t = step.positions.shape[1]
     s = step.start + t
     q_slot = torch.arange(step.start, s, device=device)
@@ -344,7 +350,10 @@ class DeepseekV3(nn.Module):
             mode = "naive" if cache.length == 0 and tokens.shape[1] > 1 else "absorb"
         if mode not in ("naive", "absorb"):
             raise ValueError(f"attention mode must be auto, naive or absorb, got {mode!r}")
-        step = cache.begin(valid, mode)
+        return self.body(tokens, cache.begin(valid, mode), cache, last_only)
+
+    def body(self, tokens: torch.Tensor, step: Step, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """The forward pass for a step already begun in the cache (graphs.py replays this)."""
         embed = self.model.embed_tokens
         h = embed(tokens.to(embed.weight.device))
         for block in self.model.layers:

@@ -52,9 +52,11 @@ class Runtime:
         on_token: Callable[[int], None] | None = None,
         cache: KVCache | None = None,
         prefill_chunk: int = 512,
+        cuda_graphs: bool = True,
     ) -> Generation:
         """New token ids after `token_ids` (a list with `.stats`). stop defaults to the model's EOS
-        and the tokenizer's stop tokens; pass a cache to reuse it across calls (multi-turn chat)."""
+        and the tokenizer's stop tokens; pass a cache to reuse it across calls (multi-turn chat).
+        cuda_graphs: on a GPU, decode steps replay CUDA graphs (hybrid_r1/graphs.py)."""
         if stop is None:
             stop = list(self.config.eos_token_ids)
             if self.tokenizer is not None:
@@ -62,5 +64,5 @@ class Runtime:
         return generate(
             self.module, [int(t) for t in token_ids], cache if cache is not None else self.new_cache(),
             max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k, seed),
-            stop_ids=stop, on_token=on_token, prefill_chunk=prefill_chunk,
+            stop_ids=stop, on_token=on_token, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
         )

@@ -1,0 +1,159 @@
+"""Batch-1 decode steps replayed from CUDA graphs: launch overhead paid once, not per kernel.
+
+An eager decode step launches a few dozen small kernels per layer from Python; for one token they
+take longer to launch than to run. Here the first decode step runs eagerly on fixed ("static")
+inputs and is then captured; later steps only write the new token, its position and its cache slot
+into those inputs and replay. The cache is reserved ahead (`headroom` tokens) so its buffers stay
+put; the attention reads the whole reservation under a mask that the runner keeps up to date.
+
+Routed experts break the capture: the graph ends before each layer's `mlp.experts`, that module runs
+eagerly (the CPU experts of the hybrid placement, or GPU experts whose routing needs the host), and
+the next graph starts after it, reading its output from a fixed buffer. So a hybrid step is one
+replay per layer plus the CPU experts, in order, on the current stream.
+
+Anything that breaks the capture otherwise (an op that syncs with the host) surfaces as an error
+when capturing; the runner then logs it and decodes eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .cache import KVCache, Step
+from .model import DeepseekV3, MoE
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 1024  # tokens reserved past the current length when (re)capturing
+
+
+class _Break(nn.Module):
+    """Stands in for a layer's experts while capturing: ends the current graph, queues the real
+    module to run eagerly at replay, starts the next graph."""
+
+    def __init__(self, runner: "DecodeGraphs", inner: nn.Module):
+        super().__init__()
+        self.runner, self.inner = runner, inner
+
+    def forward(self, x, idx, w):
+        if not self.runner.capturing:
+            return self.inner(x, idx, w)
+        out = torch.empty_like(x)  # fixed: the next graph reads it
+        inner = self.inner
+        self.runner._end_graph()
+        self.runner.segments.append(lambda: out.copy_(inner(x, idx, w)))
+        self.runner._begin_graph()
+        return out
+
+
+class DecodeGraphs:
+    """Decode steps of `module` on `cache` (batch 1, one token a step). `use_graphs=False` runs the
+    same static-input step eagerly (the CPU, tests); otherwise module and cache must be on one GPU."""
+
+    def __init__(self, module: DeepseekV3, cache: KVCache, *, use_graphs: bool = True, headroom: int = HEADROOM):
+        if cache.batch != 1:
+            raise ValueError("CUDA-graph decode runs batch 1")
+        self.module, self.cache = module, cache
+        self.device = module.lm_head.weight.device
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.headroom = headroom
+        self.capturing = False
+        self.segments: list = []  # CUDA graph replays and eager expert calls, in order
+        self.version = None  # cache.version the static step was built for
+        self.synced = -1  # cache length the mask reflects
+        self.logits: torch.Tensor | None = None
+
+    # ---- the static step ---------------------------------------------------------------------
+    def _build(self) -> None:
+        """Reserve the cache and make the fixed inputs for capacity = length + headroom."""
+        self.release()
+        length = self.cache.length
+        cap = length + max(self.headroom, length // 2)  # grows geometrically: few recaptures
+        if self.cache.max_tokens is not None:
+            cap = max(min(cap, self.cache.max_tokens), length + 1)
+        self.cache.reserve(cap)
+        dev = self.device
+        self.tokens = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(1, dtype=torch.long, device=dev)
+        self.allowed = torch.zeros(1, 1, self.cache.capacity, dtype=torch.bool, device=dev)
+        self.step_in = Step(positions=self.positions, start=-1, key_valid=self.cache.valid, mode="absorb",
+                            slots=self.slots, allowed=self.allowed)
+        self.version, self.synced = self.cache.version, -1
+
+    def release(self) -> None:
+        """Drop the graphs (their memory pool goes with them)."""
+        self.segments, self.logits = [], None
+
+    def _set_inputs(self, token: int) -> None:
+        cache = self.cache
+        if cache.length != self.synced:  # a prefill or a truncation since the last step
+            self.allowed.zero_()
+            self.allowed[0, 0, : cache.length] = cache.valid[0].to(self.device)
+        step = cache.begin(torch.ones(1, 1, dtype=torch.bool), "absorb")
+        self.tokens.fill_(token)
+        self.positions.fill_(int(step.positions[0, 0]))
+        self.slots.fill_(step.start)
+        self.allowed[0, 0, step.start] = True
+        self.synced = cache.length
+
+    # ---- capture -----------------------------------------------------------------------------
+    def _begin_graph(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool)
+
+    def _end_graph(self) -> None:
+        self.graph.capture_end()
+        self.segments.append(self.graph.replay)
+
+    def _capture(self) -> None:
+        moes = [b.mlp for b in self.module.model.layers if isinstance(b.mlp, MoE)]
+        inner = [m.experts for m in moes]
+        for m, e in zip(moes, inner):
+            m.experts = _Break(self, e)
+        self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                self.capturing = True
+                self._begin_graph()
+                self.logits = self.module.body(self.tokens, self.step_in, self.cache, last_only=True)[0, -1]
+                self._end_graph()
+        except BaseException:
+            self.release()
+            raise
+        finally:
+            self.capturing = False
+            for m, e in zip(moes, inner):
+                m.experts = e
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self, token: int) -> torch.Tensor:
+        """Feed one token; its logits [vocab] float32 (valid until the next step)."""
+        cache = self.cache
+        if self.version != cache.version or cache.length + 1 > cache.capacity:
+            self._build()
+        fresh = not self.segments
+        self._set_inputs(token)
+        if fresh or not self.use_graphs:
+            # Eager on the fixed inputs: this step's result, and the warm-up (Triton compiles,
+            # cuBLAS workspaces, per-device constants) that a capture needs before it starts.
+            out = self.module.body(self.tokens, self.step_in, cache, last_only=True)[0, -1]
+            if self.use_graphs:
+                try:
+                    self._capture()
+                except Exception as e:  # a module that cannot be captured: decode eagerly
+                    log.warning("CUDA-graph capture failed (%s: %s); decoding without graphs",
+                                type(e).__name__, str(e)[:200])
+                    self.use_graphs = False
+        else:
+            for seg in self.segments:
+                seg()
+            out = self.logits
+        cache.tokens.append(token)
+        return out
