@@ -91,7 +91,7 @@ def forward_tokens(module: DeepseekV3, tokens: list[int], cache: KVCache, mode: 
     return out
 
 
-def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int = 512) -> torch.Tensor:
+def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int = 2048) -> torch.Tensor:
     """Run the prompt in chunks of `chunk` tokens; logits of its last token [vocab]."""
     if not tokens:
         raise ValueError("prefill needs at least one token")
@@ -135,7 +135,7 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_ids: tuple[int, ...] | list[int] = (),
     on_token: Callable[[int], None] | None = None,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 2048,
     cuda_graphs: bool = True,
 ) -> Generation:
     """Continue `prompt`; tokens already in `cache` (a previous turn) are reused, not recomputed.

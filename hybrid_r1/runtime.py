@@ -51,7 +51,7 @@ class Runtime:
         stop: list[int] | None = None,
         on_token: Callable[[int], None] | None = None,
         cache: KVCache | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 2048,
         cuda_graphs: bool = True,
     ) -> Generation:
         """New token ids after `token_ids` (a list with `.stats`). stop defaults to the model's EOS
