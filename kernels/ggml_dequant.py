@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 # ggml type ids (gguf.GGMLQuantizationType) -> (values per block, bytes per block)
-Q8_0, Q4_K, Q5_K, Q6_K = 8, 12, 13, 14
-BLOCKS = {Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 8, 10, 11, 12, 13, 14
+BLOCKS = {Q8_0: (32, 34), Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176),
+          Q6_K: (256, 210)}
 
 
 @triton.jit
@@ -52,6 +53,21 @@ def _dequant_kernel(raw_ptr, out_ptr, n_blocks, TYPE: tl.constexpr, PER: tl.cons
     if TYPE == 8:  # Q8_0: d, 32 x int8
         q = tl.load(base + 2 + v).to(tl.int8, bitcast=True).to(tl.float32)
         y = _f16_at(base) * q
+    elif TYPE == 10 or TYPE == 11:  # Q2_K: scales[16], qs[64], d, dmin; Q3_K: hmask[32], qs[64], scales[12], d
+        s = v // 16
+        r = v % 128
+        QS2: tl.constexpr = 16 if TYPE == 10 else 32
+        q = (_u8(base + QS2 + 32 * (v // 128) + r % 32) >> (2 * (r // 32))) & 0x03
+        if TYPE == 10:
+            sc = _u8(base + s)
+            y = (_f16_at(base + 80) * (sc & 0x0F).to(tl.float32)) * q.to(tl.float32) \
+                - _f16_at(base + 82) * (sc >> 4).to(tl.float32)
+        else:
+            lo = (_u8(base + 96 + s % 8) >> (4 * (s // 8))) & 0x0F
+            hi = (_u8(base + 104 + s % 4) >> (2 * (s // 4))) & 0x03
+            dl = _f16_at(base + 108) * ((lo | (hi << 4)) - 32).to(tl.float32)
+            qh = ((_u8(base + v % 32) >> (v // 32)) & 1) ^ 1  # a set bit means no -4 offset
+            y = dl * (q - (qh << 2)).to(tl.float32)
     elif TYPE == 14:  # Q6_K: ql[128], qh[64], scales[16] int8, d
         h = v // 128
         r = v % 128

@@ -14,7 +14,8 @@ from hybrid_r1.formats.ggml_dequant import SUPPORTED, dequantize
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # byte offsets of the fp16 fields in each block
-F16_AT = {QT.Q8_0: (0,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+F16_AT = {QT.Q8_0: (0,), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+TYPES = [QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
 def _blocks(qt: QT, rows: int, ne0: int, seed: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def _blocks(qt: QT, rows: int, ne0: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
 def test_block_types_bit_exact(qt, device):
     rows, ne0 = 6, 512
     raw = _blocks(qt, rows, ne0, seed=int(qt))
@@ -54,7 +55,7 @@ def test_refuses_what_it_cannot_read():
         dequantize(raw, int(QT.Q4_K), 512)
 
 
-@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
 def test_triton_kernel_matches_torch(qt):
     # kernels/ggml_dequant.py (the interpreter without CUDA) vs the torch reference above. Bound: two
     # fp32 ulps, as the compiler may fuse the Q4_K/Q5_K multiply and subtract into one FMA.

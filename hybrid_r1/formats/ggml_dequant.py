@@ -67,9 +67,30 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:  # [n, 210]: ql[128], qh[64], scales
     return (d.unsqueeze(2) * q).reshape(n, QK_K)
 
 
+def _q2_k(b: torch.Tensor) -> torch.Tensor:  # [n, 84]: scales[16] (low: scale, high: min), qs[64], d, dmin
+    n = b.shape[0]
+    sc = b[:, :16]
+    dl = (_f16(b[:, 80:82]) * (sc & 0x0F).float()).unsqueeze(2)  # [n, 16, 1]
+    ml = (_f16(b[:, 82:84]) * (sc >> 4).float()).unsqueeze(2)
+    q = _shifted(b[:, 16:80].reshape(n, 2, 32), [0, 2, 4, 6], 0x03).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:  # [n, 110]: hmask[32], qs[64], scales[12], d
+    n = b.shape[0]
+    lo = _shifted(b[:, 96:104].reshape(n, 1, 8), [0, 4], 0x0F).reshape(n, 16)
+    hi = _shifted(b[:, 104:108].reshape(n, 1, 4), [0, 2, 4, 6], 0x03).reshape(n, 16)
+    scales = ((lo | (hi << 4)).to(torch.int16) - 32).float()
+    dl = (_f16(b[:, 108:110]) * scales).unsqueeze(2)  # [n, 16, 1]
+    ql = _shifted(b[:, 32:96].reshape(n, 2, 32), [0, 2, 4, 6], 0x03).reshape(n, 16, 16)
+    qh = _shifted(b[:, :32].reshape(n, 1, 32), list(range(8)), 0x01).reshape(n, 16, 16) ^ 1
+    q = (ql.to(torch.int16) - (qh.to(torch.int16) << 2)).float()  # a set bit means no -4 offset
+    return (dl * q).reshape(n, QK_K)
+
+
 # ggml type -> (values per block, bytes per block, block decoder)
-_BLOCKS = {QT.Q8_0: (32, 34, _q8_0), QT.Q4_K: (QK_K, 144, _q4_k), QT.Q5_K: (QK_K, 176, _q5_k),
-           QT.Q6_K: (QK_K, 210, _q6_k)}
+_BLOCKS = {QT.Q8_0: (32, 34, _q8_0), QT.Q2_K: (QK_K, 84, _q2_k), QT.Q3_K: (QK_K, 110, _q3_k),
+           QT.Q4_K: (QK_K, 144, _q4_k), QT.Q5_K: (QK_K, 176, _q5_k), QT.Q6_K: (QK_K, 210, _q6_k)}
 _PLAIN = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 SUPPORTED = frozenset(int(t) for t in (*_BLOCKS, *_PLAIN))
 

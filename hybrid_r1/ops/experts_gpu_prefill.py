@@ -6,7 +6,7 @@ is then compute-bound (ggml's K-quant dot products), while the same bytes cross 
 of the time and the GPU multiplies them at tensor-core rate. llama.cpp does the same for big batches.
 Below `min_tokens` (decode, short prompts) the CPU, which reads each byte once from RAM, stays faster.
 
-The block types are expanded by one Triton kernel (kernels/ggml_dequant.py); F16/BF16/F32 by a view.
+The K-quants and Q8_0 are expanded by one Triton kernel (kernels/ggml_dequant.py); F16/BF16/F32 by a view.
 Pipeline per expert, two slots deep: the host copies the expert's gate/up/down blocks from the mapped
 file into a pinned slot (torch's copy runs on several threads), a side stream moves the slot to the
 GPU, and the compute stream dequantizes and multiplies while the next expert is staged. The pinned
