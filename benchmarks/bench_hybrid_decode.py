@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prefill", type=int, default=2048, help="prompt length for the prefill timing")
+    ap.add_argument("--poll", type=int, nargs="+", default=[0],
+                    help="ggml workers' spin between calls (0-100; the rule file's default first): decode is "
+                         "timed for each")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -90,8 +93,10 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         # prefill at two chunk sizes (fresh cache each), then decode after --context tokens
         pre = {}
+        for chunk in (512, 2048):  # one untimed run each first: Triton compiles per M bucket
+            prefill(module, prompt[: args.prefill], rt.new_cache(), chunk)
         for chunk in (512, 2048):
-            pre[chunk] = timed(lambda: prefill(module, prompt[: args.prefill], rt.new_cache(), chunk), 2)
+            pre[chunk] = timed(lambda: prefill(module, prompt[: args.prefill], rt.new_cache(), chunk), 3)
         cache = rt.new_cache()
         logits = prefill(module, prompt[: args.context], cache, 512)
         tok = int(logits.argmax())
@@ -100,13 +105,21 @@ def main(argv=None) -> int:
         eager = timed(lambda: forward_tokens(module, [tok], cache), args.steps)
         runner = DecodeGraphs(module, cache)
         runner.step(tok)  # captures
-        graphs = timed(lambda: runner.step(tok), args.steps)
         assert runner.use_graphs, "capture failed"
+        replays = [seg for seg in runner.segments if isinstance(getattr(seg, "__self__", None), torch.cuda.CUDAGraph)]
+        gpu_only = timed(lambda: [r() for r in replays], args.steps)  # the graphs back to back, no experts
         experts = module.model.layers[1].mlp.experts
         x = torch.randn(1, cfg.hidden_size, dtype=torch.bfloat16)
         idx = torch.randperm(cfg.n_routed_experts)[: cfg.num_experts_per_tok][None]
         w = torch.rand(1, cfg.num_experts_per_tok)
         cpu_ms = timed(lambda: experts(x, idx, w), args.steps)
+        by_poll = {}
+        moe_experts = [b.mlp.experts for b in module.model.layers if hasattr(b.mlp, "experts")]
+        for poll in args.poll:  # last: each poll value starts its own ggml thread pool
+            for e in moe_experts:
+                e.poll = poll
+            by_poll[poll] = timed(lambda: runner.step(tok), args.steps)
+        graphs = by_poll[args.poll[0]]
 
     # Per-layer split: the CPU experts' share is cpu_ms per MoE layer; the rest is the GPU's.
     gpu_share = (graphs - n_moe * cpu_ms) / args.layers
@@ -121,7 +134,7 @@ def main(argv=None) -> int:
         "- non-expert weights synthetic, INT8 block on the GPU; routed experts 256 x (Q4_K gate/up, Q6_K down) "
         "in CPU RAM, tiled from ggml-quantized blocks; random routing from the synthetic router",
         f"- decode after {args.context} tokens, batch 1, median of {args.steps} steps; prefill of {args.prefill} "
-        "tokens, fresh cache, median of 2",
+        "tokens, fresh cache, median of 3 after one untimed run",
         "- full model, an upper bound: 61 layers x the GPU share per layer (the 4-layer average, which counts "
         "the dense layer's big MLP once in 4) + 58 x the CPU experts per token",
         "",
@@ -130,9 +143,15 @@ def main(argv=None) -> int:
         f"| decode, eager | {eager:.1f} ms / token | {eager / args.layers:.2f} ms | |",
         f"| decode, CUDA graphs | {graphs:.1f} ms / token | {graphs / args.layers:.2f} ms | "
         f"<= {full_ms:.0f} ms / token, >= {1e3 / full_ms:.1f} tok/s |",
+        *[f"| decode, CUDA graphs, ggml poll {p} | {ms:.1f} ms / token | {ms / args.layers:.2f} ms | |"
+          for p, ms in by_poll.items() if p != args.poll[0]],
         f"| of which CPU experts (one token, one layer) | {cpu_ms:.2f} ms | | {FULL_MOE * cpu_ms:.0f} ms / token |",
         f"| of which GPU, per layer (graphs - experts) | | {gpu_share:.2f} ms | "
         f"{(FULL_DENSE + FULL_MOE) * gpu_share:.0f} ms / token |",
+        f"| the graphs alone, replayed back to back | {gpu_only:.2f} ms / token | {gpu_only / args.layers:.2f} ms | |",
+        f"| remainder: hand-over to and from the CPU experts (copies, syncs, waking ggml's threads) "
+        f"| {graphs - gpu_only - n_moe * cpu_ms:.2f} ms / token "
+        f"| {(graphs - gpu_only - n_moe * cpu_ms) / max(n_moe, 1):.2f} ms a MoE layer | |",
         *[f"| prefill {args.prefill} tokens, chunk {c} | {ms:.0f} ms | {ms / args.layers:.0f} ms | "
           f"{pre_full[c]:.0f} tok/s |" for c, ms in pre.items()],
         "",

@@ -80,11 +80,15 @@ class GGMLExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
+        n = x.shape[0]
+        if self.prefill is not None and n >= self.prefill_min_tokens:
+            idx = topk_idx.cpu()
+            check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
+            return self.prefill(x, idx, topk_w).to(x.device, x.dtype)
+        if x.is_cuda and n <= self.chunk_tokens:
+            return self._from_gpu(x, topk_idx, topk_w)
         idx = topk_idx.cpu()
         check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
-        n, k = idx.shape
-        if self.prefill is not None and n >= self.prefill_min_tokens:
-            return self.prefill(x, idx, topk_w).to(x.device, x.dtype)
         ex = ggml_lib.executor(self.threads, self.poll)
         if n <= self.chunk_tokens:  # decode and short prefill: one graph, no intermediate copies
             with ex.lock:
@@ -95,6 +99,31 @@ class GGMLExperts(nn.Module):
             with ex.lock:
                 out[s:e] = self._run(ex, x[s:e], idx[s:e], topk_w[s:e])
         return out.to(x.device, x.dtype)
+
+    def _from_gpu(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """A decode step from the GPU: the three inputs come over in one wait (pinned buffers,
+        asynchronous copies, one stream sync instead of one per tensor), and the result goes back
+        asynchronously; the next call's sync orders it before the pinned output is written again."""
+        hx, hi, hw, hy = self._pinned(x, topk_idx, topk_w)
+        hx.copy_(x, non_blocking=True)
+        hi.copy_(topk_idx, non_blocking=True)
+        hw.copy_(topk_w, non_blocking=True)
+        torch.cuda.current_stream(x.device).synchronize()
+        check_call(hx, hi, hw, self.n_experts, self.hidden_size)
+        ex = ggml_lib.executor(self.threads, self.poll)
+        with ex.lock:
+            hy.copy_(self._run(ex, hx, hi, hw))
+        return hy.to(x.device, non_blocking=True)
+
+    def _pinned(self, x, idx, w) -> tuple[torch.Tensor, ...]:
+        key = (tuple(x.shape), x.dtype, tuple(idx.shape), idx.dtype, w.dtype)
+        if getattr(self, "_pinned_key", None) != key:
+            self._pinned_key = key
+            self._pinned_bufs = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True),
+                                 torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True),
+                                 torch.empty(w.shape, dtype=w.dtype, pin_memory=True),
+                                 torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
+        return self._pinned_bufs
 
     def _run(self, ex: ggml_lib.Executor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """One graph over these tokens; returns a view of the executor's arena (caller holds ex.lock)."""
