@@ -1,7 +1,7 @@
 """One MoE layer of routed experts at 671B width on the CPU, through GGMLExperts.
 
 Per layer: 256 experts (--experts), hidden 7168, intermediate 2048, Q4_K gate/up and Q6_K down
-(--down q4_k for the other Q4_K_M layers): 3.7 GB. A few experts are really quantized by ggml and
+(--down q4_k for the other Q4_K_M layers): 7.3 GB. A few experts are really quantized by ggml and
 tiled to fill the layer (valid blocks, no hours of quantizing); --layers 2 rotates through more bytes
 than any cache. Random routing, 8 experts a token. For each token count it reports:
   ms per layer call through GGMLExperts.forward (torch in, torch out),

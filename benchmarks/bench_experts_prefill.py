@@ -1,7 +1,7 @@
 """Prefill of one MoE layer at 671B width: routed experts on the CPU (ggml) vs streamed to the GPU
 (GGMLExperts with prefill_device), in one run, against the PCIe bound.
 
-Per layer: 256 experts, Q4_K gate/up, Q6_K down (3.7 GB; bench_experts_cpu.py's tiled layer), random
+Per layer: 256 experts, Q4_K gate/up, Q6_K down (7.3 GB; bench_experts_cpu.py's tiled layer), random
 routing, 8 experts a token. For each token count: ms per layer on each path (torch in, torch out),
 GB of used-expert blocks, and the GPU path's bound = those bytes / the pinned host-to-device
 bandwidth measured in the same run. Also: the host copy rate from the mapped blocks into pinned

@@ -3,7 +3,7 @@
 Builds a model with DeepSeek-V3's widths and `--layers` layers (the first dense), places it with
 rules/int8-gpu-ggml-experts.yaml (INT8 Triton linears on the GPU, routed experts GGML Q4_K/Q6_K in
 CPU RAM, GPU expert prefill from 256 tokens), fills the non-expert weights from seeded synthetic
-tensors and each MoE layer's 256 experts from bench_experts_cpu.py's tiled ggml blocks (3.7 GB a
+tensors and each MoE layer's 256 experts from bench_experts_cpu.py's tiled ggml blocks (7.3 GB a
 layer), then times, after a prompt of --context tokens:
   decode ms per token, eager and with CUDA graphs (the CPU experts run between graphs),
   the CPU experts' own share (GGMLExperts alone, one token),

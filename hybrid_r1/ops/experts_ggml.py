@@ -53,6 +53,7 @@ class GGMLExperts(nn.Module):
         self.chunk_tokens, self.poll = chunk_tokens, poll
         self.prefill_device, self.prefill_min_tokens = prefill_device, prefill_min_tokens
         self.prefill: GPUExpertPrefill | None = None
+        self._pinned_key, self._pinned_bufs = None, ()  # host staging of decode calls from a GPU
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
         self.weights: ggml_lib.ExpertWeights | None = None
 
@@ -117,7 +118,7 @@ class GGMLExperts(nn.Module):
 
     def _pinned(self, x, idx, w) -> tuple[torch.Tensor, ...]:
         key = (tuple(x.shape), x.dtype, tuple(idx.shape), idx.dtype, w.dtype)
-        if getattr(self, "_pinned_key", None) != key:
+        if self._pinned_key != key:
             self._pinned_key = key
             self._pinned_bufs = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True),
                                  torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True),
