@@ -12,6 +12,7 @@ mkdir -p "$OUT/configs"
 . benchmarks/gpu_env.sh
 cp -n kernels/configs/*.json "$OUT/configs/" 2>/dev/null
 timeout "${TUNE_S:-420}" python3 benchmarks/tune_int8.py --out "$OUT/configs" --m ${TUNE_M:-1 4 16 64} \
+    --schemes ${TUNE_SCHEMES:-block channel} \
     --budget-s "${TUNE_BUDGET_S:-330}" --verbose > "$OUT/tune.log" 2>&1
 cp "$OUT"/configs/*.json kernels/configs/  # this tree's tests and benchmark use the new tables
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_int8_gemm.py tests/test_kernels_act_quant.py \

@@ -166,6 +166,10 @@ def candidates(scheme: str, N: int, K: int, M: int, glu: bool, sms: int, smem: i
                   (128, 128, 4, 4)])
         for bm, bn, warps, stages in tiles:
             add(bm, bn, 128, warps, stages, (False,), (1,))
+        if block and not glu:  # two K tiles a step: twice the shared memory per stage
+            for bm, bn, warps, stages in ((128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)):
+                if stages * 2 * (bm + bn) * 128 <= smem - 4096:
+                    out.append(GemmConfig(bm, bn, 128, 8, 1, warps, stages, False, True))
     return out
 
 

@@ -31,6 +31,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     FUSED: bool = False  # the linear wrappers quantize the activation inside the GEMM
+    PAIRED: bool = False  # block scheme: two K tiles a step, dots issued before scaling
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemmConfig":

@@ -44,6 +44,7 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, A_ROWS: tl.constexpr,
     BLOCK_SCALE: tl.constexpr, QUANT_A: tl.constexpr, TRUNC: tl.constexpr, GLU: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
@@ -107,44 +108,66 @@ def _int8_gemm_kernel(
         k = kt0 * BLOCK_K + rk
         a_next = tl.load(a_rows_c + k[None, :], mask=k[None, :] < k_end, other=0.0)
 
-    for kt in range(kt0, kt1):
-        k = kt * BLOCK_K + rk
-        if EVEN_K:
-            b = tl.load(b_cols + k[:, None])
-        else:
-            b = tl.load(b_cols + k[:, None], mask=k[:, None] < K, other=0)
-        if GROUP_QUANT:
-            af = a_next.to(tl.float32)
-            a_next = tl.load(a_rows_c + (k + BLOCK_K)[None, :], mask=(k + BLOCK_K)[None, :] < k_end,
-                             other=0.0)
-            a_sc = _scale(tl.max(tl.abs(af), axis=1))  # the K tile is the 128-group
-            a = _quant(af, a_sc, TRUNC)
-            if A_ROWS < BLOCK_M:  # tile row r holds row r % A_ROWS: exact for the rows r < M kept
-                a = tl.reshape(tl.broadcast_to(a[None, :, :], [BLOCK_M // A_ROWS, A_ROWS, BLOCK_K]),
-                               [BLOCK_M, BLOCK_K])
-                a_sc = tl.reshape(tl.broadcast_to(a_sc[None, :], [BLOCK_M // A_ROWS, A_ROWS]), [BLOCK_M])
-        elif EVEN_K:
-            a = tl.load(a_rows + k[None, :])
-        else:
-            a = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
-        if QUANT_A and not BLOCK_SCALE:
-            a_sc = a_tok
-            a = _quant(a.to(tl.float32), a_sc, TRUNC)
-        elif not QUANT_A and BLOCK_SCALE:
-            a_sc = tl.load(a_s_ptr + rm * stride_asm + kt)
-        if BLOCK_SCALE:
-            acc += _scaled(tl.dot(a, b, out_dtype=tl.int32), a_sc, tl.load(bs_rows + kt), SCALAR_BS)
-        else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        if GLU:
+    # PAIRED (block scales, A quantized beforehand, no GLU): two K tiles a step, both dots issued
+    # before either is scaled, so the second can run on the tensor cores while the first's int32
+    # result is converted and scaled (on Hopper each dot otherwise drains before its scaling).
+    if PAIRED:
+        for kt in range(kt0, kt1, 2):
+            k = kt * BLOCK_K + rk
+            k2 = k + BLOCK_K
+            kt2 = tl.minimum(kt + 1, n_kt - 1)  # in bounds; its dot is all zeros past kt1
             if EVEN_K:
-                bu = tl.load(b_cols_up + k[:, None])
+                a0 = tl.load(a_rows + k[None, :])
+                b0 = tl.load(b_cols + k[:, None])
             else:
-                bu = tl.load(b_cols_up + k[:, None], mask=k[:, None] < K, other=0)
+                a0 = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
+                b0 = tl.load(b_cols + k[:, None], mask=k[:, None] < K, other=0)
+            a1 = tl.load(a_rows + k2[None, :], mask=k2[None, :] < k_end, other=0)
+            b1 = tl.load(b_cols + k2[:, None], mask=k2[:, None] < k_end, other=0)
+            d0 = tl.dot(a0, b0, out_dtype=tl.int32)
+            d1 = tl.dot(a1, b1, out_dtype=tl.int32)
+            acc += _scaled(d0, tl.load(a_s_ptr + rm * stride_asm + kt), tl.load(bs_rows + kt), SCALAR_BS)
+            acc += _scaled(d1, tl.load(a_s_ptr + rm * stride_asm + kt2), tl.load(bs_rows + kt2), SCALAR_BS)
+
+    if not PAIRED:
+        for kt in range(kt0, kt1):
+            k = kt * BLOCK_K + rk
+            if EVEN_K:
+                b = tl.load(b_cols + k[:, None])
+            else:
+                b = tl.load(b_cols + k[:, None], mask=k[:, None] < K, other=0)
+            if GROUP_QUANT:
+                af = a_next.to(tl.float32)
+                a_next = tl.load(a_rows_c + (k + BLOCK_K)[None, :], mask=(k + BLOCK_K)[None, :] < k_end,
+                                 other=0.0)
+                a_sc = _scale(tl.max(tl.abs(af), axis=1))  # the K tile is the 128-group
+                a = _quant(af, a_sc, TRUNC)
+                if A_ROWS < BLOCK_M:  # tile row r holds row r % A_ROWS: exact for the rows r < M kept
+                    a = tl.reshape(tl.broadcast_to(a[None, :, :], [BLOCK_M // A_ROWS, A_ROWS, BLOCK_K]),
+                                   [BLOCK_M, BLOCK_K])
+                    a_sc = tl.reshape(tl.broadcast_to(a_sc[None, :], [BLOCK_M // A_ROWS, A_ROWS]), [BLOCK_M])
+            elif EVEN_K:
+                a = tl.load(a_rows + k[None, :])
+            else:
+                a = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
+            if QUANT_A and not BLOCK_SCALE:
+                a_sc = a_tok
+                a = _quant(a.to(tl.float32), a_sc, TRUNC)
+            elif not QUANT_A and BLOCK_SCALE:
+                a_sc = tl.load(a_s_ptr + rm * stride_asm + kt)
             if BLOCK_SCALE:
-                acc_up += _scaled(tl.dot(a, bu, out_dtype=tl.int32), a_sc, tl.load(bs_rows_up + kt), SCALAR_BS)
+                acc += _scaled(tl.dot(a, b, out_dtype=tl.int32), a_sc, tl.load(bs_rows + kt), SCALAR_BS)
             else:
-                acc_up = tl.dot(a, bu, acc_up, out_dtype=tl.int32)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if GLU:
+                if EVEN_K:
+                    bu = tl.load(b_cols_up + k[:, None])
+                else:
+                    bu = tl.load(b_cols_up + k[:, None], mask=k[:, None] < K, other=0)
+                if BLOCK_SCALE:
+                    acc_up += _scaled(tl.dot(a, bu, out_dtype=tl.int32), a_sc, tl.load(bs_rows_up + kt), SCALAR_BS)
+                else:
+                    acc_up = tl.dot(a, bu, acc_up, out_dtype=tl.int32)
 
     w_sc = tl.zeros([BLOCK_N], dtype=tl.float32)
     w_sc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -224,6 +247,7 @@ def int8_gemm(
     grid_mn = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     split = max(1, min(cfg.SPLIT_K, triton.cdiv(K, cfg.BLOCK_K)))
     ws, locks = workspace(split, grid_mn, M, N, glu, block_scale, a.device)
+    paired = cfg.PAIRED and block_scale and not quant_a and not glu
     a_s_arg = a_s if a_s is not None else c  # unused when quantizing in the kernel
     _int8_gemm_kernel[(grid_mn, split)](
         a, a_s_arg, w, w_s2, c, ws if ws is not None else c, locks if locks is not None else c,
@@ -235,6 +259,7 @@ def int8_gemm(
         EVEN_K=K % cfg.BLOCK_K == 0, USE_SPLIT=split > 1,
         A_ROWS=min(triton.next_power_of_2(M), cfg.BLOCK_M) if M <= cfg.BLOCK_M else cfg.BLOCK_M,
         BLOCK_SCALE=block_scale, QUANT_A=quant_a, TRUNC=trunc, GLU=glu,
+        PAIRED=paired,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c

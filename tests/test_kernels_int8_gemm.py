@@ -97,6 +97,17 @@ def test_gemm_int8_inputs(M, N, K, block, split):
     _expect_close(out, a_q, a_s, w, w_s, block, False, False)
 
 
+@pytest.mark.parametrize("M,K,split", [(40, 320, 1), (40, 640, 2), (3, 2112, 3)])
+def test_block_paired_k_tiles(M, K, split):
+    # Two K tiles a step: odd tile counts per split (320: 3 tiles; 2112: 17) leave a lone last tile.
+    N = 200
+    w, w_s = _weights(N, K, True, False, seed=K + split)
+    a_q, a_s = _quant(_activation(M, K, seed=M + K), True, "nearest_even")
+    cfg = GemmConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, PAIRED=True)
+    out = int8_block_gemm(a_q, a_s, w, w_s, torch.float32, cfg, out=_poison(M, N))
+    _expect_close(out, a_q, a_s, w, w_s, True, False, False)
+
+
 @pytest.mark.parametrize("block", [True, False], ids=["block", "channel"])
 @pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu"])
 @pytest.mark.parametrize("rounding", ["nearest_even", "trunc"])
