@@ -109,8 +109,13 @@ def _decode_graphs(module: DeepseekV3, cache: KVCache):
     if module.lm_head.weight.device.type != "cuda" or cache.batch != 1:
         return None
     runner = cache.decode_graphs
-    if runner is None or runner.module is not module:
-        runner = cache.decode_graphs = DecodeGraphs(module, cache)
+    if runner is not None and runner.module is module:
+        return runner
+    # One GPU for everything but the routed experts (they run between graphs, wherever they are).
+    devices = {t.device for name, t in module.state_dict(keep_vars=True).items() if ".experts." not in name}
+    if len(devices) != 1:
+        return None
+    runner = cache.decode_graphs = DecodeGraphs(module, cache)
     return runner
 
 

@@ -11,8 +11,10 @@ eagerly (the CPU experts of the hybrid placement, or GPU experts whose routing n
 the next graph starts after it, reading its output from a fixed buffer. So a hybrid step is one
 replay per layer plus the CPU experts, in order, on the current stream.
 
-Anything that breaks the capture otherwise (an op that syncs with the host) surfaces as an error
-when capturing; the runner then logs it and decodes eagerly.
+generate() uses graphs only when everything but the routed experts sits on one GPU. An op that
+syncs with the host inside a segment makes the capture fail; the runner then logs it and decodes
+eagerly (a best effort: a failed capture can leave the CUDA context unusable, so operators meant
+for graphs must not sync with the host).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class DecodeGraphs:
         self.device = module.lm_head.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.headroom = headroom
-        self.capturing = False
+        self.capturing = self._open = False
         self.segments: list = []  # CUDA graph replays and eager expert calls, in order
         self.version = None  # cache.version the static step was built for
         self.synced = -1  # cache length the mask reflects
@@ -104,8 +106,10 @@ class DecodeGraphs:
     def _begin_graph(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
         self.graph.capture_begin(pool=self.pool)
+        self._open = True
 
     def _end_graph(self) -> None:
+        self._open = False
         self.graph.capture_end()
         self.segments.append(self.graph.replay)
 
@@ -124,6 +128,12 @@ class DecodeGraphs:
                 self.logits = self.module.body(self.tokens, self.step_in, self.cache, last_only=True)[0, -1]
                 self._end_graph()
         except BaseException:
+            if self._open:  # leave the stream out of capture mode, or every later launch fails
+                self._open = False
+                try:
+                    self.graph.capture_end()
+                except Exception:
+                    pass
             self.release()
             raise
         finally:

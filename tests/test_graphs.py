@@ -118,3 +118,11 @@ def test_cuda_graphs_hybrid_rules(tmp_path):
     runner = cache.decode_graphs
     n_moe = sum(1 for b in model.module.model.layers if hasattr(b.mlp, "experts"))
     assert runner.use_graphs and len(runner.segments) == 2 * n_moe + 1  # graph, CPU experts, ..., graph
+
+
+
+def test_graphs_only_for_one_gpu(tiny_model):
+    # CPU models, and models whose non-expert modules span devices, decode eagerly (no runner).
+    from hybrid_r1.generate import _decode_graphs
+
+    assert _decode_graphs(tiny_model.module, tiny_model.new_cache()) is None
