@@ -16,27 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tune_int8 as T  # noqa: E402  (copy_bandwidth, shared by the GPU benchmarks)
 
 from hybrid_r1 import placement
 from hybrid_r1.graphs import DecodeGraphs
 from hybrid_r1.loading import build, fuse, load_weights
 from hybrid_r1.runtime import Runtime
 from hybrid_r1.synth import SyntheticWeights, preset_config
-
-
-def hbm_bandwidth(device) -> float:
-    x = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t)  # read + write bytes per second
 
 
 def _sync(device) -> None:
@@ -124,7 +115,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     cfg = preset_config("full-slice", num_hidden_layers=args.layers, first_k_dense_replace=args.dense_layers,
                         n_routed_experts=8, num_experts_per_tok=8, n_group=1, topk_group=1)
-    bw = hbm_bandwidth(device)
+    bw = T.copy_bandwidth(device) * 1e9  # bytes/s
     rows = {name: run(cfg, scheme, args.context, args.steps, device)
             for name, scheme in (("bf16", None), ("int8 block", "block"), ("int8 channel", "channel"))}
     gpu = torch.cuda.get_device_name()

@@ -258,6 +258,14 @@ class Gate(nn.Module):
         return idx, w * cfg.routed_scaling_factor
 
 
+def group_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """idx [N, k] -> (order, token, counts): the N*k (token, slot) assignments sorted by expert
+    (stable; indices into idx.flatten()), the token of each, and how many each expert received."""
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    return order, order // idx.shape[1], torch.bincount(flat, minlength=n_experts).tolist()
+
+
 class Experts(nn.ModuleList):
     """The routed experts of one layer; a rule may replace this whole module (e.g. by CPU GGML experts).
 
@@ -268,10 +276,7 @@ class Experts(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self)).tolist()
-        token = order // idx.shape[1]
+        order, token, counts = group_by_expert(idx, len(self))
         pos = 0
         for e, n in enumerate(counts):  # tokens grouped by expert: one matmul per used expert
             if n:

@@ -1,4 +1,4 @@
-"""The shared end of both INT8 GEMM kernels: scales, GLU, and the split-K reduction.
+"""The end of the INT8 GEMM kernel: channel scales, GLU, and the split-K reduction.
 
 Split-K stays one launch: every program writes its partial tile to a workspace ws[split, 1 + GLU,
 M, N] (int32 for channel: exact; fp32 for block), bumps a per-tile counter, and the last one to

@@ -82,14 +82,13 @@ class GGMLExperts(nn.Module):
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
         n = x.shape[0]
-        if self.prefill is not None and n >= self.prefill_min_tokens:
-            idx = topk_idx.cpu()
-            check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
-            return self.prefill(x, idx, topk_w).to(x.device, x.dtype)
-        if x.is_cuda and n <= self.chunk_tokens:
+        on_gpu = self.prefill is not None and n >= self.prefill_min_tokens
+        if x.is_cuda and n <= self.chunk_tokens and not on_gpu:
             return self._from_gpu(x, topk_idx, topk_w)
         idx = topk_idx.cpu()
         check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
+        if on_gpu:
+            return self.prefill(x, idx, topk_w).to(x.device, x.dtype)
         ex = ggml_lib.executor(self.threads, self.poll)
         if n <= self.chunk_tokens:  # decode and short prefill: one graph, no intermediate copies
             with ex.lock:

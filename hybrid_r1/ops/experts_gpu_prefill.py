@@ -16,6 +16,7 @@ and device slots are shared by every layer on the same device (one layer runs at
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..formats.ggml_dequant import SUPPORTED, dequantize
 from ..formats.ggml_tensor import GGMLTensor
+from ..model import group_by_expert
 
 PARTS = ("gate", "up", "down")
 
@@ -74,19 +76,14 @@ class GPUExpertPrefill:
         return out  # gate [I, H], up [I, H], down [H, I], bf16
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        n, k = idx.shape
-        flat = idx.reshape(-1).to("cpu", torch.int64)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.tensors["gate"].ne[2]).tolist()
+        order, token, counts = group_by_expert(idx.to("cpu", torch.int64), self.tensors["gate"].ne[2])
         dev = self.device
         x_g = x.to(dev, torch.bfloat16)
-        tok_g = (order // k).to(dev)
+        tok_g = token.to(dev)
         w_g = w.reshape(-1).to("cpu", torch.float32)[order].to(dev)
-        out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=dev)
+        out = torch.zeros(idx.shape[0], x.shape[1], dtype=torch.float32, device=dev)
         used = [e for e, c in enumerate(counts) if c]
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
+        starts = [0, *itertools.accumulate(counts)]
         host, slot, side = _slots(dev, sum(self.sizes))
         main = torch.cuda.current_stream(dev)
         copied = [None, None]  # event: the slot's host -> device copy is done
