@@ -117,7 +117,7 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
                 raise RuleError(f"{rule.where}: op {rule.op} replaces a {replaces}, but {path} is a {type(module).__name__}")
             try:
                 new = op_class(rule.op).from_module(module, device=device, dtype=dtype, **rule.args)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:  # unknown or out-of-range args, wrong device
                 raise RuleError(f"{rule.where}: bad args for {rule.op}: {e}") from None
             setattr(parent, attr, new)  # operators return on the caller's device themselves
             placed.append(Placement(path, rule, rule.op, device))

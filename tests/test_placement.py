@@ -49,6 +49,9 @@ def test_class_only_rule_and_op_type_check():
     with pytest.raises(RuleError, match="bad args for linear.int8_block"):
         apply(meta_model(), parse_rules([{"class": "Linear", "name": "o_proj", "op": "linear.int8_block",
                                           "args": {"nonsense": 1}}]), torch.device("cpu"), torch.float32)
+    with pytest.raises(RuleError, match="rules rule 1: bad args for experts.ggml_cpu: prefill_device must be a CUDA"):
+        apply(meta_model(), parse_rules([{"class": "Experts", "op": "experts.ggml_cpu", "device": "cpu",
+                                          "args": {"prefill_device": "cpu"}}]), torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("rule, message", [
