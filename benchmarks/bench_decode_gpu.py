@@ -25,7 +25,10 @@ import tune_int8 as T  # noqa: E402  (copy_bandwidth, shared by the GPU benchmar
 
 from hybrid_r1 import placement
 from hybrid_r1.graphs import DecodeGraphs
-from hybrid_r1.loading import build, fuse, load_weights
+from hybrid_r1.loading import build, load_weights
+from hybrid_r1.model import MoE
+from hybrid_r1.ops import Operator
+from hybrid_r1.placement import fuse
 from hybrid_r1.runtime import Runtime
 from hybrid_r1.synth import SyntheticWeights, preset_config
 
@@ -51,8 +54,11 @@ def weight_bytes(module: torch.nn.Module, skip_experts: bool) -> int:
     return total
 
 
-class ZeroExperts(torch.nn.Module):
-    """Where the hybrid placement runs the routed experts on the CPU: contributes nothing here."""
+class ZeroExperts(Operator):
+    """Where the hybrid placement runs the routed experts on the CPU: contributes nothing here, but
+    breaks the decode graph as the CPU experts do (host_sync), so the step has their shape."""
+
+    name, replaces, host_sync, moves_inputs = "bench.zero_experts", "Experts", True, True
 
     def forward(self, x, idx, w):
         return torch.zeros_like(x)
@@ -61,7 +67,7 @@ class ZeroExperts(torch.nn.Module):
 def run(cfg, scheme: str | None, context: int, steps: int, device) -> dict:
     module = build(cfg)
     for block in module.model.layers:
-        if hasattr(block.mlp, "experts"):
+        if isinstance(block.mlp, MoE):
             block.mlp.experts = ZeroExperts()
     rules = placement.int8_rules(scheme, device) if scheme else []
     placement.apply(module, rules, device, torch.bfloat16)

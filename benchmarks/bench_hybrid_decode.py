@@ -30,7 +30,8 @@ from bench_experts_cpu import Q6_K, TiledSource, cpu_model  # noqa: E402
 from hybrid_r1 import placement  # noqa: E402
 from hybrid_r1.generate import forward_tokens, prefill  # noqa: E402
 from hybrid_r1.graphs import DecodeGraphs  # noqa: E402
-from hybrid_r1.loading import build, fuse, load_weights  # noqa: E402
+from hybrid_r1.loading import build, load_weights
+from hybrid_r1.placement import fuse  # noqa: E402
 from hybrid_r1.runtime import Runtime  # noqa: E402
 from hybrid_r1.synth import SyntheticWeights, preset_config  # noqa: E402
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         w = torch.rand(1, cfg.num_experts_per_tok)
         cpu_ms = timed(lambda: experts(x, idx, w), args.steps)
         by_poll = {}
-        moe_experts = [b.mlp.experts for b in module.model.layers if hasattr(b.mlp, "experts")]
+        moe_experts = [b.mlp.experts for b in module.model.layers if cfg.is_moe_layer(b.self_attn.layer)]
         for poll in args.poll:  # last: each poll value starts its own ggml thread pool
             for e in moe_experts:
                 e.poll = poll

@@ -47,7 +47,6 @@ class KVCache:
         self._valid = torch.zeros(batch, 0, dtype=torch.bool)  # [B, length] on the CPU
         self._next_pos = torch.zeros(batch, dtype=torch.int64)  # next RoPE position per row
         self.version = 0  # bumped whenever a layer's buffers move (CUDA graphs must be recaptured)
-        self.decode_graphs = None  # graphs.DecodeGraphs bound to these buffers, made on first use
 
     # ---- per forward call -------------------------------------------------------------------
     def begin(self, new_valid: torch.Tensor, mode: str) -> Step:

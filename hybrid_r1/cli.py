@@ -44,18 +44,27 @@ def _generate(args) -> int:
 
 
 def _plan(args) -> int:
-    """Print what runs where under a rule file, without loading any weight."""
-    from .config import ModelConfig
-    from .loading import build, default_device_dtype
-    from .placement import apply, load_rules
+    """Print what runs where under a rule file (or the rules a load would choose), without loading
+    any weight: a --model checkpoint's headers are read, nothing else."""
+    from . import placement
+    from .loading import build, default_device_dtype, open_checkpoint
 
-    cfg = ModelConfig.from_file(args.model) if args.model else None
-    if cfg is None:
+    device, dtype = default_device_dtype(args.device, None)
+    source = open_checkpoint(args.model) if args.model else None
+    if source is not None:
+        cfg, shown = source.config, args.model
+    else:
         from .synth import preset_config
 
-        cfg = preset_config("full-slice", num_hidden_layers=61, first_k_dense_replace=3)
-    device, dtype = default_device_dtype(args.device, None)
-    placed = apply(build(cfg), load_rules(args.rules), device, dtype)
+        cfg, shown = preset_config("full-slice", num_hidden_layers=61, first_k_dense_replace=3), "the 671B config"
+    if args.rules:
+        rules, why = placement.load_rules(args.rules), args.rules
+    elif source is not None:
+        rules, why = placement.default_rules(source, device), "the default rules for this checkpoint"
+    else:
+        rules, why = [], "no rules: every module as it is"
+    placed = placement.apply(build(cfg), rules, device, dtype)
+    print(f"{shown} under {why} (default device {device})")
     groups: dict[tuple, list[str]] = {}
     for p in placed:
         key = (p.op or "(kept)", str(p.device), p.rule.where if p.rule else "")
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--json", action="store_true", help="print one JSON object with the text and stats")
     p = sub.add_parser("plan", help="show what runs where under a rule file (no weights loaded)")
-    p.add_argument("--rules", required=True)
+    p.add_argument("--rules", help="rule file (default: the rules a load of --model would use)")
     p.add_argument("--model", help="checkpoint folder or config.json (default: the 671B config)")
     p.add_argument("--device", help="default device (default: cuda if present)")
     sub.add_parser("synth", help="write a synthetic checkpoint (see python -m hybrid_r1.synth --help)", add_help=False)

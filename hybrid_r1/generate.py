@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .cache import KVCache
+from .graphs import DecodeGraphs
 from .model import DeepseekV3
 
 
@@ -84,9 +85,15 @@ def _sync(module: DeepseekV3) -> None:
 
 
 def forward_tokens(module: DeepseekV3, tokens: list[int], cache: KVCache, mode: str = "auto",
-                   last_only: bool = False) -> torch.Tensor:
-    """Feed batch-1 tokens through the model, extend cache.tokens; logits [T or 1, vocab]."""
-    out = module(torch.tensor([tokens], dtype=torch.long), cache, mode=mode, last_only=last_only)[0]
+                   last_only: bool = False, graphs: DecodeGraphs | None = None) -> torch.Tensor:
+    """Feed batch-1 tokens through the model; logits [T or 1, vocab]. The one way tokens enter
+    the model: one token with `graphs` replays the decode graphs, anything else runs the module;
+    the tokens are recorded in cache.tokens here, once the step has completed (an interrupted step
+    is not, so the caller can drop it)."""
+    if graphs is not None and len(tokens) == 1:
+        out = graphs.step(tokens[0])[None]
+    else:
+        out = module(torch.tensor([tokens], dtype=torch.long), cache, mode=mode, last_only=last_only)[0]
     cache.tokens.extend(tokens)
     return out
 
@@ -100,23 +107,6 @@ def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int = 
     for i in range(0, len(tokens), chunk):
         logits = forward_tokens(module, tokens[i : i + chunk], cache, last_only=True)
     return logits[-1]
-
-
-def _decode_graphs(module: DeepseekV3, cache: KVCache):
-    """The cache's CUDA-graph decoder for this module (made on first use), or None off the GPU."""
-    from .graphs import DecodeGraphs
-
-    if module.lm_head.weight.device.type != "cuda" or cache.batch != 1:
-        return None
-    runner = cache.decode_graphs
-    if runner is not None and runner.module is module:
-        return runner
-    # One GPU for everything but the routed experts (they run between graphs, wherever they are).
-    devices = {t.device for name, t in module.state_dict(keep_vars=True).items() if ".experts." not in name}
-    if len(devices) != 1:
-        return None
-    runner = cache.decode_graphs = DecodeGraphs(module, cache)
-    return runner
 
 
 def reuse_prefix(cache: KVCache, tokens: list[int]) -> int:
@@ -141,14 +131,14 @@ def generate(
     stop_ids: tuple[int, ...] | list[int] = (),
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int = 2048,
-    cuda_graphs: bool = True,
+    graphs: DecodeGraphs | None = None,
 ) -> Generation:
     """Continue `prompt`; tokens already in `cache` (a previous turn) are reused, not recomputed.
 
     A KeyboardInterrupt from `on_token` (Ctrl-C) ends generation cleanly: the result holds the
     tokens so far, stop_reason is "interrupted", and the cache covers exactly the tokens fed.
-    cuda_graphs: decode steps of a model on a GPU replay CUDA graphs (graphs.py), kept with the
-    cache for the next turn."""
+    graphs: the CUDA-graph decoder bound to `cache` (graphs.py; the Runtime keeps one per cache),
+    or None to decode eagerly."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     stats = Stats(prompt_tokens=len(prompt))
@@ -158,7 +148,6 @@ def generate(
         generator = torch.Generator()
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     stops = set(stop_ids)
-    runner = _decode_graphs(module, cache) if cuda_graphs else None
     reused = reuse_prefix(cache, prompt)
     stats.prefilled_tokens = len(prompt) - reused
     t0 = t1 = time.perf_counter()
@@ -178,10 +167,7 @@ def generate(
                 on_token(tok)
             if len(out) == max_new_tokens:
                 break
-            if runner is not None:
-                logits = runner.step(tok)
-            else:
-                logits = forward_tokens(module, [tok], cache)[-1]
+            logits = forward_tokens(module, [tok], cache, graphs=graphs)[-1]
     except KeyboardInterrupt:
         stats.stop_reason = "interrupted"
         cache.truncate(len(cache.tokens))  # drop a step that was cut off half-way through the layers

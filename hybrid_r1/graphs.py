@@ -6,15 +6,20 @@ inputs and is then captured; later steps only write the new token, its position 
 into those inputs and replay. The cache is reserved ahead (`headroom` tokens) so its buffers stay
 put; the attention reads the whole reservation under a mask that the runner keeps up to date.
 
-Routed experts break the capture: the graph ends before each layer's `mlp.experts`, that module runs
-eagerly (the CPU experts of the hybrid placement, or GPU experts whose routing needs the host), and
-the next graph starts after it, reading its output from a fixed buffer. So a hybrid step is one
-replay per layer plus the CPU experts, in order, on the current stream.
+Operators that declare `host_sync` (ops/base.py: the CPU experts of the hybrid placement) and the
+model's reference Experts (it loops over the used experts, which it learns from the host) break the
+capture: the graph ends before such a module, it runs eagerly, and the next graph starts after
+it, reading its output from a fixed buffer. So a hybrid step is one replay per layer plus the CPU
+experts, in order, on the current stream.
 
-generate() uses graphs only when everything but the routed experts sits on one GPU. An op that
-syncs with the host inside a segment makes the capture fail; the runner then logs it and decodes
-eagerly (a best effort: a failed capture can leave the CUDA context unusable, so operators meant
-for graphs must not sync with the host).
+Graphs are used only when everything but the modules that break them sits on one GPU and no
+operator declares itself unsafe to capture (`graph_safe = False` without `host_sync`):
+`unsupported(module)` says why not, and the caller decodes eagerly. A capture that still fails
+logs a warning and falls back to eager (a best effort: a failed capture can leave the CUDA context
+unusable, which is why operators declare what they are instead of being tried).
+
+The runner does not record tokens: generate.forward_tokens, the one way tokens enter the model,
+does that once the step has completed.
 """
 
 from __future__ import annotations
@@ -25,28 +30,70 @@ import torch
 from torch import nn
 
 from .cache import KVCache, Step
-from .model import DeepseekV3, MoE
+from .model import DeepseekV3, Experts
+from .ops import Operator
 
 log = logging.getLogger(__name__)
 
 HEADROOM = 1024  # tokens reserved past the current length when (re)capturing
 
 
+def breaks_graph(module: nn.Module) -> bool:
+    """Runs eagerly between graphs: an operator declaring host_sync, or the reference Experts."""
+    return (isinstance(module, Operator) and module.host_sync) or isinstance(module, Experts)
+
+
+def _breaking(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every module that breaks the graph, outermost only."""
+    found = []
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if breaks_graph(child):
+                found.append((parent, name, child))
+            else:
+                visit(child)
+
+    visit(module)
+    return found
+
+
+def unsupported(module: DeepseekV3) -> str | None:
+    """Why `module` cannot decode under CUDA graphs, or None if it can."""
+    inside: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if not breaks_graph(child):
+                inside.append(child)
+                visit(child)
+
+    visit(module)
+    unsafe = [type(m).__name__ for m in inside if isinstance(m, Operator) and not m.graph_safe]
+    if unsafe:
+        return f"operator {unsafe[0]} is not graph-safe"
+    devices = {t.device for m in [module, *inside] for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return "the modules captured are not all on one GPU"
+    return None
+
+
 class _Break(nn.Module):
-    """Stands in for a layer's experts while capturing: ends the current graph, queues the real
-    module to run eagerly at replay, starts the next graph."""
+    """Stands in for a module that breaks the graph while capturing: ends the current graph,
+    queues the real module to run eagerly at replay, starts the next graph. Its result goes to a
+    fixed buffer shaped like its first input (as the experts' call returns)."""
 
     def __init__(self, runner: "DecodeGraphs", inner: nn.Module):
         super().__init__()
         self.runner, self.inner = runner, inner
 
-    def forward(self, x, idx, w):
+    def forward(self, *args):
         if not self.runner.capturing:
-            return self.inner(x, idx, w)
-        out = torch.empty_like(x)  # fixed: the next graph reads it
+            return self.inner(*args)
         inner = self.inner
+        out = torch.empty_like(args[0])  # fixed: the next graph reads it (same shape as the input)
         self.runner._end_graph()
-        self.runner.segments.append(lambda: out.copy_(inner(x, idx, w)))
+        self.runner.segments.append(lambda: out.copy_(inner(*args)))
         self.runner._begin_graph()
         return out
 
@@ -114,10 +161,9 @@ class DecodeGraphs:
         self.segments.append(self.graph.replay)
 
     def _capture(self) -> None:
-        moes = [b.mlp for b in self.module.model.layers if isinstance(b.mlp, MoE)]
-        inner = [m.experts for m in moes]
-        for m, e in zip(moes, inner):
-            m.experts = _Break(self, e)
+        breaking = _breaking(self.module)
+        for parent, attr, inner in breaking:
+            setattr(parent, attr, _Break(self, inner))
         self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -138,8 +184,8 @@ class DecodeGraphs:
             raise
         finally:
             self.capturing = False
-            for m, e in zip(moes, inner):
-                m.experts = e
+            for parent, attr, inner in breaking:
+                setattr(parent, attr, inner)
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -165,5 +211,4 @@ class DecodeGraphs:
             for seg in self.segments:
                 seg()
             out = self.logits
-        cache.tokens.append(token)
         return out

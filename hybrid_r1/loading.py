@@ -1,9 +1,10 @@
 """Open a checkpoint, build the model without weights, place it, and load each module's tensors.
 
-The model is built on the `meta` device (no memory). Each module then receives its own tensors,
-one at a time, from the memory-mapped checkpoint, on its own device: a module that defines
-`load_weights(source, prefix)` (an operator chosen by a rule) loads itself; plain torch modules get
-their parameters by name. So the whole model never sits in RAM twice.
+The model is built on the `meta` device (no memory). Placement swaps in the operators the rules
+choose; then each module receives its own tensors, one at a time, from the memory-mapped
+checkpoint, on its own device: an operator (ops/base.py) loads itself through `load_weights`;
+plain torch modules get their parameters by name. So the whole model never sits in RAM twice.
+After loading, placement fuses sibling projections where their operators can.
 """
 
 from __future__ import annotations
@@ -15,18 +16,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from . import placement
+from .errors import CheckpointError, HybridR1Error
 from .formats.safetensors import SafetensorsCheckpoint
 from .formats.source import WeightSource, check_tensor
-from . import placement
-from .model import DeepseekV3
+from .model import DeepseekV3, fp32_params
+from .ops import Operator
 
 log = logging.getLogger(__name__)
 
 
+class LoadError(HybridR1Error, ValueError):
+    """Arguments of `load` that do not fit together or name what this machine lacks."""
+
+
 def open_checkpoint(path: str | Path) -> WeightSource:
-    """A reader for `path`: a folder of safetensors (with config.json)."""
+    """The one entry from what a user passes to a reader: a folder of safetensors (with
+    config.json) or a GGUF file (any shard of a split set)."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError("not a checkpoint folder or a .gguf file: the path does not exist", file=str(path))
     if p.is_dir():
         return SafetensorsCheckpoint(p)
     if p.suffix == ".gguf":
@@ -41,7 +50,13 @@ def open_checkpoint(path: str | Path) -> WeightSource:
 def default_device_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoadError(f"device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    problem = placement.device_problem(device)
+    if problem:
+        raise LoadError(f"device {device}: {problem}")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
@@ -64,12 +79,12 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
 
     def visit(mod: nn.Module, prefix: str, device: torch.device) -> None:
         nonlocal done
-        if mod is not module and hasattr(mod, "load_weights"):
+        if isinstance(mod, Operator):
             mod.load_weights(source, prefix.rstrip("."))
             done += 1
             return
-        device = getattr(mod, "placement_device", device)  # set by placement rules
-        fp32 = getattr(mod, "fp32_params", ())
+        device = mod.__dict__.get("placement_device", device)  # set by placement.apply
+        fp32 = fp32_params(mod)
         for pname, p in list(mod._parameters.items()):
             if p is not None:
                 t = fetch(prefix + pname, p, torch.float32 if pname in fp32 else dtype, device)
@@ -92,62 +107,24 @@ def load(path: str | Path, *, rules=None, dtype: torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None, progress=None):
     """Load a checkpoint and return a `Runtime` (see hybrid_r1.runtime).
 
-    rules: a rule file path, or a list of rule mappings (see hybrid_r1.placement). Without rules
-    every module runs on one device in one dtype (CPU float32, or CUDA bfloat16), except that an
-    INT8 checkpoint runs its INT8 linears as stored; quantize="block"|"channel" quantizes a BF16 or
-    FP8 checkpoint's linears to INT8 while loading."""
+    rules: a rule file path, or a list of rule mappings (see hybrid_r1.placement). Without rules,
+    placement.default_rules(source): every module on one device in one dtype (CPU float32, or CUDA
+    bfloat16), INT8 linears as stored, GGML routed experts on the CPU operator; quantize="block"|
+    "channel" quantizes a BF16 or FP8 checkpoint's linears to INT8 while loading."""
     from .runtime import Runtime
 
-    source = open_checkpoint(path)
-    device, dtype = default_device_dtype(device, dtype)
-    module = build(source.config)
     if quantize not in (None, "block", "channel"):
-        raise ValueError(f"quantize must be None, 'block' or 'channel', got {quantize!r}")
-    if rules is None:
-        scheme = quantize or int8_scheme(source)
-        rule_list = placement.int8_rules(scheme, device) if scheme else []
-        if has_ggml_experts(source):  # a GGUF's routed experts stay quantized, computed on the CPU
-            rule_list = placement.ggml_expert_rules() + rule_list
-    elif quantize is not None:
-        raise ValueError("pass either rules or quantize: with rules, the rules choose the operators")
-    elif isinstance(rules, (str, Path)):
-        rule_list = placement.load_rules(rules)
-    else:
-        rule_list = placement.parse_rules(list(rules))
+        raise LoadError(f"quantize must be None, 'block' or 'channel', got {quantize!r}")
+    if rules is not None and quantize is not None:
+        raise LoadError("pass either rules or quantize: with rules, the rules choose the operators")
+    rule_list = placement.rules_from(rules) if rules is not None else None
+    device, dtype = default_device_dtype(device, dtype)
+    source = open_checkpoint(path)
+    if rule_list is None:
+        rule_list = placement.default_rules(source, device, quantize)
+    placement.check_devices(rule_list, device)
+    module = build(source.config)
     placements = placement.apply(module, rule_list, device, dtype)
     load_weights(module, source, device, dtype, progress)
-    fuse(module)
-    return Runtime(module, source, _tokenizer_for(source), placements)
-
-
-def fuse(module: nn.Module) -> None:
-    """Let attention and MLP blocks fuse sibling projections their operators can run as one."""
-    for m in list(module.modules()):
-        if hasattr(m, "fuse"):
-            m.fuse()
-
-
-def has_ggml_experts(source: WeightSource) -> bool:
-    cfg = source.config
-    moe = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)
-    return moe is not None and source.ggml_experts(moe) is not None
-
-
-def int8_scheme(source: WeightSource) -> str | None:
-    """'block' or 'channel' for an INT8 checkpoint, else None."""
-    detect = getattr(source, "quantization", None)
-    kind = detect() if detect else None
-    return {"int8_block": "block", "int8_channel": "channel"}.get(kind)
-
-
-def _tokenizer_for(source: WeightSource):
-    root = Path(source.path)
-    folder = root if root.is_dir() else root.parent
-    if (folder / "tokenizer.json").is_file():
-        from .tokenizer import Tokenizer
-
-        return Tokenizer.from_dir(folder)
-    meta = getattr(source, "tokenizer_metadata", None)  # a GGUF may carry its tokenizer in the metadata
-    if meta is not None and meta().get("tokenizer.ggml.tokens") is not None:
-        return source.tokenizer()
-    return None
+    placement.fuse(module)
+    return Runtime(module, source, source.tokenizer(), placements)

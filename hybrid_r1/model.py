@@ -43,16 +43,13 @@ class Linear(nn.Linear):
     def reset_parameters(self) -> None:
         pass
 
+    def dense_weight(self) -> torch.Tensor:
+        """The [out, in] weight (quantized linear operators dequantize theirs here)."""
+        return self.weight
+
 
 def linear(n_in: int, n_out: int) -> nn.Linear:
     return Linear(n_in, n_out)
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The [out, in] floating-point weight of a linear, also when an operator stores it quantized."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    return layer.dense_weight()  # quantized operators provide this for the absorbed attention
 
 
 class Rotary:
@@ -103,6 +100,7 @@ class MLA(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
         self.scale = cfg.softmax_scale
         qk = self.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
@@ -115,19 +113,21 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
         self.kv_b_proj = linear(self.rank, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = linear(self.n_heads * self.v_dim, cfg.hidden_size)
+        # q_a_proj and kv_a_proj_with_mqa as one GEMM: set by placement's fusion pass, which then
+        # sets the two it replaces to None.
+        self.register_module("qkv_a_proj", None)
         self.rotary = Rotary(cfg)
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
-        if hasattr(self, "qkv_a_proj"):  # q_a_proj and kv_a_proj_with_mqa fused into one GEMM
-            q_lat, kv = self.qkv_a_proj(x).split([self.q_a_layernorm.weight.shape[0], self.rank + self.rope], -1)
-            q = self.q_b_proj(self.q_a_layernorm(q_lat))
+        if self.q_lora_rank is None:
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            kv = self.kv_a_proj_with_mqa(x)
-            if hasattr(self, "q_proj"):
-                q = self.q_proj(x)
+            if self.qkv_a_proj is not None:
+                q_lat, kv = self.qkv_a_proj(x).split([self.q_lora_rank, self.rank + self.rope], -1)
             else:
-                q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+                q_lat, kv = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_lat))
         q = q.view(b, t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], -1)
         q_pe = self.rotary(q_pe, step.positions)
@@ -141,15 +141,6 @@ class MLA(nn.Module):
         else:
             o = self._absorbed(q_nope, q_pe, c_kv, k_pe, allowed)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
-
-    def fuse(self) -> None:
-        """After loading: run q_a_proj and kv_a_proj_with_mqa as one GEMM where their operator can
-        (both read the same x; one launch instead of two matters at decode)."""
-        if hasattr(self, "q_a_proj") and hasattr(self.q_a_proj, "fuse_rows"):
-            fused = self.q_a_proj.fuse_rows(self.kv_a_proj_with_mqa)
-            if fused is not None:
-                self.qkv_a_proj = fused
-                del self.q_a_proj, self.kv_a_proj_with_mqa
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
         """Expand the latents into per-head keys and values: cheap for a long fresh prompt."""
@@ -165,7 +156,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
         """Attend in the latent space: W_UK folded into the query, W_UV applied after (decode)."""
-        w = dense_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.rank)
+        w = self.kv_b_proj.dense_weight().view(self.n_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, rank], [H, v, rank]
         q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, rank]
         b, t, h, _ = q_abs.shape
@@ -206,25 +197,24 @@ class MLP(nn.Module):
         self.gate_proj = linear(hidden, inter)
         self.up_proj = linear(hidden, inter)
         self.down_proj = linear(inter, hidden)
+        # gate and up as one GEMM with silu(gate) * up in its epilogue: set by placement's fusion
+        # pass, which then sets gate_proj and up_proj to None.
+        self.register_module("gate_up_proj", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):  # fused: silu(gate) * up in the GEMM's epilogue
+        if self.gate_up_proj is not None:
             return self.down_proj(self.gate_up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def fuse(self) -> None:
-        """After loading: gate and up as one GEMM with SiLU*up in its epilogue, where the operator can."""
-        if hasattr(self.gate_proj, "fuse_rows"):
-            fused = self.gate_proj.fuse_rows(self.up_proj, glu=True)
-            if fused is not None:
-                self.gate_up_proj = fused
-                del self.gate_proj, self.up_proj
+
+def fp32_params(module: nn.Module) -> tuple[str, ...]:
+    """Tensors of `module` kept in fp32 whatever the run dtype: the router's (its scores choose
+    the experts, and bf16 would flip near-ties)."""
+    return ("weight", "e_score_correction_bias") if isinstance(module, Gate) else ()
 
 
 class Gate(nn.Module):
     """Router: scores, group-limited top-k selection, normalised and scaled weights."""
-
-    fp32_params = ("weight", "e_score_correction_bias")  # kept in fp32 whatever the model dtype
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -258,18 +248,23 @@ class Gate(nn.Module):
         return idx, w * cfg.routed_scaling_factor
 
 
-def group_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """idx [N, k] -> (order, token, counts): the N*k (token, slot) assignments sorted by expert
-    (stable; indices into idx.flatten()), the token of each, and how many each expert received."""
+def group_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx [N, k] -> (order, token, counts), all on idx's device, no host sync: the N*k (token,
+    slot) assignments sorted by expert (stable; indices into idx.flatten()), the token of each, and
+    how many each expert received [n_experts]. The one grouping every experts implementation uses."""
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    return order, order // idx.shape[1], torch.bincount(flat, minlength=n_experts).tolist()
+    return order, order // idx.shape[1], torch.bincount(flat, minlength=n_experts)
 
 
 class Experts(nn.ModuleList):
     """The routed experts of one layer; a rule may replace this whole module (e.g. by CPU GGML experts).
 
-    Any replacement takes the same call: (x [N, hidden], idx [N, k], w [N, k]) -> [N, hidden]."""
+    Any replacement takes the same call: (x [N, hidden], idx [N, k], w [N, k]) -> [N, hidden].
+    This reference loops over the used experts, which it learns from the host: a decode graph
+    breaks around it (graphs.py), as around any operator that declares host_sync."""
+
+    host_sync = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
@@ -278,7 +273,7 @@ class Experts(nn.ModuleList):
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         order, token, counts = group_by_expert(idx, len(self))
         pos = 0
-        for e, n in enumerate(counts):  # tokens grouped by expert: one matmul per used expert
+        for e, n in enumerate(counts.tolist()):  # tokens grouped by expert: one matmul per used expert
             if n:
                 sel = order[pos : pos + n]
                 tok = token[pos : pos + n]
@@ -359,11 +354,15 @@ class DeepseekV3(nn.Module):
 
     def body(self, tokens: torch.Tensor, step: Step, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """The forward pass for a step already begun in the cache (graphs.py replays this)."""
-        embed = self.model.embed_tokens
-        h = embed(tokens.to(embed.weight.device))
+        # Token ids come from the host; inside the model, placement's bridges move activations
+        # across devices (placement.py), so the math here never names a device.
+        h = self.model.embed_tokens(tokens.to(self.input_device))
         for block in self.model.layers:
-            h = block(h.to(block.input_layernorm.weight.device), step, cache)
+            h = block(h, step, cache)
         if last_only:
             h = h[:, -1:]
-        h = self.model.norm(h.to(self.model.norm.weight.device))
-        return self.lm_head(h).float()
+        return self.lm_head(self.model.norm(h)).float()
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device

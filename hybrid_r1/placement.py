@@ -5,11 +5,15 @@ A rule file is a YAML list; each rule may have
     class:  the module's class name (Linear, MLA, MoE, Experts, MLP, RMSNorm, Embedding, ...)
     op:     an operator name from hybrid_r1.ops.OPS; omitted = keep the module as it is
     device: where the module (and, unless a later rule says otherwise, its children) lives
-    args:   keyword arguments for the operator
+    args:   the operator's arguments, checked against its typed Args (ops/base.py)
 The module tree is walked depth-first from the root; for each module the first matching rule wins.
 A rule with `op` replaces the module and the walk does not descend into it; a rule with only
 `device` places the module and the walk goes on into its children, which inherit that device.
-This is the only code that changes the module tree.
+
+This is the only code that changes the module tree: it swaps in operators (`apply`), fuses sibling
+projections after loading (`fuse`), and owns the one mechanism that moves activations between
+devices: a module placed on another device than its parent is bridged (inputs moved in, output
+moved back to where the input came from), unless it is an operator that declares `moves_inputs`.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import model as M
 from .errors import HybridR1Error
-from .ops import OPS, op_class
+from .ops import OPS, LinearOperator, OpArgs, OpArgsError, Operator, op_class
 
 RULE_KEYS = {"name", "class", "op", "device", "args", "comment"}
+# The module classes of the model a `class:` may name (rules match the tree before any swap).
+MODULE_CLASSES = ("DeepseekV3", "Backbone", "Block", "MLA", "MLP", "MoE", "Gate", "Experts", "Linear",
+                  "RMSNorm", "Embedding", "ModuleList")
 
 
 class RuleError(HybridR1Error, ValueError):
@@ -38,7 +46,7 @@ class Rule:
     cls: str | None = None
     op: str | None = None
     device: str | None = None
-    args: dict = field(default_factory=dict)
+    args: OpArgs | None = None  # the operator's typed arguments (None without op)
 
     def matches(self, path: str, module: nn.Module) -> bool:
         return (self.name is None or self.name.search(path) is not None) and (
@@ -47,36 +55,54 @@ class Rule:
 
 
 def parse_rules(items, where: str = "rules") -> list[Rule]:
+    """Check every field of every rule (types, regex, operator, args, device) before anything is
+    built; a RuleError names the file, the rule number and the field."""
     if not isinstance(items, list):
         raise RuleError(f"{where}: a rule file is a YAML list of rules")
-    rules = []
-    for i, item in enumerate(items, 1):
-        at = f"{where} rule {i}"
-        if not isinstance(item, dict):
-            raise RuleError(f"{at}: a rule is a mapping, got {item!r}")
-        unknown = set(item) - RULE_KEYS
-        if unknown:
-            raise RuleError(f"{at}: unknown key(s) {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(RULE_KEYS))})")
-        if "name" not in item and "class" not in item:
-            raise RuleError(f"{at}: needs `name` or `class` to match on")
+    return [_parse_rule(item, f"{where} rule {i}") for i, item in enumerate(items, 1)]
+
+
+def _parse_rule(item, at: str) -> Rule:
+    if not isinstance(item, dict):
+        raise RuleError(f"{at}: a rule is a mapping, got {item!r}")
+    unknown = set(map(str, item)) - RULE_KEYS
+    if unknown:
+        raise RuleError(f"{at}: unknown key(s) {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(RULE_KEYS))})")
+    for key in ("name", "class", "op", "device"):
+        if key in item and not isinstance(item[key], str):
+            raise RuleError(f"{at}: `{key}` must be a string, got {item[key]!r}")
+    if "name" not in item and "class" not in item:
+        raise RuleError(f"{at}: needs `name` or `class` to match on")
+    try:
+        pattern = re.compile(item["name"]) if "name" in item else None
+    except re.error as e:
+        raise RuleError(f"{at}: bad regex {item['name']!r}: {e}") from None
+    cls = item.get("class")
+    if cls is not None and cls not in MODULE_CLASSES:
+        raise RuleError(f"{at}: unknown class {cls!r} (the model's classes: {', '.join(MODULE_CLASSES)})")
+    device = item.get("device")
+    if device is not None:
         try:
-            pattern = re.compile(item["name"]) if "name" in item else None
-        except re.error as e:
-            raise RuleError(f"{at}: bad regex {item['name']!r}: {e}") from None
-        op = item.get("op")
-        if op is not None and op not in OPS:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise RuleError(f"{at}: bad device {device!r} (cpu, cuda, cuda:N)") from None
+    op, raw_args = item.get("op"), item.get("args")
+    if raw_args is not None and not isinstance(raw_args, dict):
+        raise RuleError(f"{at}: args must be a mapping, got {raw_args!r}")
+    args = None
+    if op is not None:
+        if op not in OPS:
             raise RuleError(f"{at}: unknown op {op!r} (known: {', '.join(sorted(OPS))})")
-        device = item.get("device")
-        if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError):
-                raise RuleError(f"{at}: bad device {device!r}") from None
-        args = item.get("args") or {}
-        if not isinstance(args, dict):
-            raise RuleError(f"{at}: args must be a mapping")
-        rules.append(Rule(at, pattern, item.get("class"), op, device, args))
-    return rules
+        cls_ = op_class(op)
+        if device is not None and torch.device(device).type not in cls_.devices:
+            raise RuleError(f"{at}: {op} computes on {' or '.join(cls_.devices)}, but the rule says device: {device}")
+        try:
+            args = cls_.Args.parse(raw_args or {})
+        except OpArgsError as e:
+            raise RuleError(f"{at}: bad args for {op}: {e}") from None
+    elif raw_args:
+        raise RuleError(f"{at}: args without an op (args are an operator's arguments)")
+    return Rule(at, pattern, cls, op, device, args)
 
 
 def load_rules(path: str | Path) -> list[Rule]:
@@ -87,9 +113,46 @@ def load_rules(path: str | Path) -> list[Rule]:
         items = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise RuleError(f"{path}: rule file not found") from None
+    except IsADirectoryError:
+        raise RuleError(f"{path}: is a folder, not a rule file") from None
+    except UnicodeDecodeError:
+        raise RuleError(f"{path}: not a text file") from None
     except yaml.YAMLError as e:
         raise RuleError(f"{path}: not valid YAML: {e}") from None
     return parse_rules(items, str(path))
+
+
+def rules_from(rules) -> list[Rule]:
+    """What the API accepts as `rules=`: a rule file path, a list of rule mappings, or parsed Rules."""
+    if isinstance(rules, (str, Path)):
+        return load_rules(rules)
+    items = list(rules)
+    if items and all(isinstance(r, Rule) for r in items):
+        return items
+    return parse_rules(items)
+
+
+def check_devices(rules: list[Rule], default_device: torch.device) -> None:
+    """Every device a rule (or the default) names must be present: a RuleError naming the rule and
+    what this machine has, before any weight is read."""
+    for where, dev in [("the default device", str(default_device))] + [(r.where, r.device) for r in rules if r.device]:
+        problem = device_problem(torch.device(dev))
+        if problem:
+            raise RuleError(f"{where}: device {dev}: {problem}")
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why `device` cannot be used here, or None."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"{device.type} devices are not supported (cpu, cuda, cuda:N)"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return "this machine has no CUDA GPU (torch sees none)"
+    if device.index is not None and device.index >= n:
+        return f"this machine has {n} CUDA GPU(s): cuda:0..cuda:{n - 1}"
+    return None
 
 
 @dataclass
@@ -112,14 +175,16 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
         if rule is not None and rule.op is not None:
             if parent is None:
                 raise RuleError(f"{rule.where}: matches the whole model; an op replaces one module")
-            _, _, replaces = OPS[rule.op]
-            if type(module).__name__ != replaces:
-                raise RuleError(f"{rule.where}: op {rule.op} replaces a {replaces}, but {path} is a {type(module).__name__}")
-            try:
-                new = op_class(rule.op).from_module(module, device=device, dtype=dtype, **rule.args)
-            except (TypeError, ValueError) as e:  # unknown or out-of-range args, wrong device
-                raise RuleError(f"{rule.where}: bad args for {rule.op}: {e}") from None
-            setattr(parent, attr, new)  # operators return on the caller's device themselves
+            cls = op_class(rule.op)
+            if type(module).__name__ != cls.replaces:
+                raise RuleError(f"{rule.where}: op {rule.op} replaces a {cls.replaces}, but {path} is a {type(module).__name__}")
+            if device.type not in cls.devices:
+                raise RuleError(f"{rule.where}: {rule.op} computes on {' or '.join(cls.devices)}, but {path} "
+                                f"would be on {device} (give the rule a device)")
+            new = cls.from_module(module, device, dtype, rule.args)
+            setattr(parent, attr, new)
+            if not cls.moves_inputs:
+                _bridge(new, device, parent_device)
             placed.append(Placement(path, rule, rule.op, device))
             return
         module.placement_device = device  # read by the loader for this module's own tensors
@@ -134,9 +199,8 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
 
 
 def _bridge(module: nn.Module, device: torch.device, parent_device: torch.device | None) -> None:
-    """A kept module placed on another device than its parent gets its tensor inputs moved there and
-    its output moved back to where the input came from, so rules can split a block across devices.
-    (Operators need no hooks: they do the same in their forward, fused ones included.)"""
+    """A module placed on another device than its parent gets its tensor inputs moved there and its
+    output moved back to where the input came from, so rules can split a block across devices."""
     if parent_device is None or device == parent_device:
         return
 
@@ -156,6 +220,34 @@ def _bridge(module: nn.Module, device: torch.device, parent_device: torch.device
     module.register_forward_hook(move_out)
 
 
+# (block class, the two sibling projections, the fused slot, silu(first) * second)
+FUSIONS = (
+    (M.MLA, ("q_a_proj", "kv_a_proj_with_mqa"), "qkv_a_proj", False),
+    (M.MLP, ("gate_proj", "up_proj"), "gate_up_proj", True),
+)
+
+
+def fuse(model: nn.Module) -> int:
+    """After loading: sibling projections that read the same input run as one GEMM where their
+    operator can (`LinearOperator.fuse_rows`); one launch instead of two matters at decode.
+    Returns how many pairs were fused."""
+    n = 0
+    for block in model.modules():
+        for cls, (first, second), slot, glu in FUSIONS:
+            if not isinstance(block, cls):
+                continue
+            a, b = getattr(block, first, None), getattr(block, second, None)
+            if not (isinstance(a, LinearOperator) and isinstance(b, LinearOperator)):
+                continue
+            fused = a.fuse_rows(b, glu=glu)
+            if fused is not None:
+                setattr(block, slot, fused)
+                setattr(block, first, None)
+                setattr(block, second, None)
+                n += 1
+    return n
+
+
 def int8_rules(scheme: str, device: torch.device | str) -> list[Rule]:
     """What `load` uses for an INT8 checkpoint (or quantize=...) when no rules are given: every
     Linear inside the layers as INT8, except kv_b_proj, which the absorbed attention reads as a
@@ -171,3 +263,24 @@ def ggml_expert_rules() -> list[Rule]:
     computes them, on the CPU, on the file's bytes."""
     return parse_rules([{"name": r"^model\.layers\.\d+\.mlp\.experts$", "op": "experts.ggml_cpu", "device": "cpu"}],
                        where="built-in GGUF rules")
+
+
+INT8_SCHEMES = {"int8_block": "block", "int8_channel": "channel"}  # source.quantization() -> scheme
+
+
+def default_rules(source, device: torch.device | str, quantize: str | None = None) -> list[Rule]:
+    """The rules a load without `rules=` uses for `source` (also what `hybrid-r1 plan` explains):
+    INT8 linears as stored (or as `quantize` asks), GGML routed experts on the CPU operator,
+    everything else on `device` in the run dtype."""
+    scheme = quantize or INT8_SCHEMES.get(source.quantization())
+    rules = int8_rules(scheme, device) if scheme else []
+    cfg = source.config
+    moe = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)
+    if moe is not None and source.ggml_experts(moe) is not None:
+        rules = ggml_expert_rules() + rules
+    return rules
+
+
+def operators(model: nn.Module) -> list[tuple[str, Operator]]:
+    """The operators in the tree, by module name (what the runtime reads capabilities from)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Operator)]

@@ -113,6 +113,7 @@ class SyntheticWeights:
         self.config = config
         self.seed = seed
         self.path = f"<synthetic seed={seed}>"
+        self.metadata: dict = {}
         self.specs = {name: (shape, kind) for name, shape, kind in tensor_specs(config, mtp)}
 
     def names(self) -> list[str]:
@@ -146,6 +147,15 @@ class SyntheticWeights:
         return self.tensor(name), {}
 
     def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
+        return None
+
+    def file_of(self, name: str) -> str:
+        return self.path
+
+    def quantization(self) -> None:
+        return None
+
+    def tokenizer(self) -> None:
         return None
 
     def _spec(self, name: str):

@@ -31,7 +31,7 @@ def _eager_and_static(model, prompt, steps, headroom):
         tok = int(le.argmax())
         assert tok == int(ls.argmax())
         pairs.append((le, ls))
-        le, ls = forward_tokens(model.module, [tok], eager)[-1], runner.step(tok)
+        le, ls = forward_tokens(model.module, [tok], eager)[-1], forward_tokens(model.module, [tok], static, graphs=runner)[-1]
     return eager, static, runner, pairs
 
 
@@ -60,7 +60,7 @@ def test_static_step_after_a_new_turn(tiny_model):
     for _ in range(4):
         assert rel_err(ls, le) < 1e-5
         tok = int(le.argmax())
-        ls, le = runner.step(tok), forward_tokens(model.module, [tok], fresh)[-1]
+        ls, le = forward_tokens(model.module, [tok], static, graphs=runner)[-1], forward_tokens(model.module, [tok], fresh)[-1]
 
 
 @needs_cuda
@@ -76,9 +76,9 @@ def test_cuda_graphs_same_tokens_as_eager(tiny_dir, kw):
         second = model.generate(turn2, max_new_tokens=8, stop=[], cuda_graphs=graphs, cache=cache)
         runs.append((list(first), list(second), cache))
     assert runs[1][:2] == runs[0][:2]
-    graphs = runs[1][2].decode_graphs
+    graphs = model.decode_graphs(runs[1][2])
     assert graphs is not None and graphs.use_graphs and len(graphs.segments) > 1  # a graph per segment
-    assert runs[0][2].decode_graphs is None
+    assert model.decode_graphs(runs[0][2]) is None
 
 
 @needs_cuda
@@ -115,14 +115,15 @@ def test_cuda_graphs_hybrid_rules(tmp_path):
     graphed = model.generate(prompt, max_new_tokens=16, stop=[], cache=cache)
     eager = model.generate(prompt, max_new_tokens=16, stop=[], cuda_graphs=False)
     assert list(graphed) == list(eager)
-    runner = cache.decode_graphs
-    n_moe = sum(1 for b in model.module.model.layers if hasattr(b.mlp, "experts"))
+    runner = model.decode_graphs(cache)
+    n_moe = sum(1 for b in model.module.model.layers if model.config.is_moe_layer(b.self_attn.layer))
     assert runner.use_graphs and len(runner.segments) == 2 * n_moe + 1  # graph, CPU experts, ..., graph
 
 
 
 def test_graphs_only_for_one_gpu(tiny_model):
     # CPU models, and models whose non-expert modules span devices, decode eagerly (no runner).
-    from hybrid_r1.generate import _decode_graphs
+    from hybrid_r1.graphs import unsupported
 
-    assert _decode_graphs(tiny_model.module, tiny_model.new_cache()) is None
+    assert unsupported(tiny_model.module) == "the modules captured are not all on one GPU"
+    assert tiny_model.decode_graphs(tiny_model.new_cache(), create=True) is None

@@ -302,8 +302,18 @@ class GGUFCheckpoint:
         return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
 
     def tokenizer(self):
-        """A hybrid_r1 Tokenizer built from the metadata, for when no tokenizer.json is at hand."""
+        """tokenizer.json beside the file if there is one, else the one the metadata carries, else None."""
+        folder = Path(self.files[0]).parent
+        if (folder / "tokenizer.json").is_file():
+            from ..tokenizer import Tokenizer
+
+            return Tokenizer.from_dir(folder)
+        if self.metadata.get("tokenizer.ggml.tokens") is None:
+            return None
         return tokenizer_from_metadata(self.metadata, source=self.files[0])
+
+    def quantization(self) -> None:
+        return None  # linears are floats or GGML blocks, dequantized for the torch modules
 
     # ---- helpers ---------------------------------------------------------------------------
     def _entry(self, name: str) -> _Entry:

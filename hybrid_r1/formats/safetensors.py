@@ -36,6 +36,7 @@ DTYPES = {
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FP8_BLOCK = 128
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+_UNKNOWN = object()  # quantization() not computed yet
 
 
 class _Shard:
@@ -58,7 +59,7 @@ class _Shard:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"header is not valid JSON: {e}", file=str(path)) from None
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
-        header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
@@ -97,6 +98,7 @@ class SafetensorsCheckpoint:
         if not self.root.is_dir():
             raise CheckpointError("checkpoint folder not found", file=self.path)
         self.config = ModelConfig.from_file(self.root / "config.json")
+        self._quantization = _UNKNOWN
         index = self.root / "model.safetensors.index.json"
         self._where: dict[str, _Shard] = {}
         if index.is_file():
@@ -124,6 +126,9 @@ class SafetensorsCheckpoint:
                     if name in self._where:
                         raise CheckpointError(f"tensor is in two files ({self._where[name].path.name})", file=str(f), tensor=name)
                     self._where[name] = shard
+        self.metadata: dict[str, str] = {}  # the shards' __metadata__, merged
+        for shard in dict.fromkeys(self._where.values()):
+            self.metadata.update(shard.metadata)
 
     # ---- WeightSource -----------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -170,9 +175,17 @@ class SafetensorsCheckpoint:
 
     def quantization(self) -> str | None:
         """How the linears are stored: see detect_quantization (computed once)."""
-        if not hasattr(self, "_quantization"):
+        if self._quantization is _UNKNOWN:
             self._quantization = detect_quantization(self)
         return self._quantization
+
+    def tokenizer(self):
+        if not (self.root / "tokenizer.json").is_file():
+            return None
+        from ..tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(self.root)
+
 
     def _shard(self, name: str) -> _Shard:
         try:

@@ -1,24 +1,31 @@
 """Operators that placement rules may put in place of a module, by short name.
 
-Each operator class has `from_module(module, device, dtype, **args)` (build the replacement of
-`module`, weights not loaded) and `load_weights(source, prefix)` (fetch its tensors from a
-WeightSource). forward takes inputs on any device and returns on the input's device, so a rule
-can put an operator elsewhere than its block. Rules name operators by these keys, never by import path.
+Every operator implements the contract in `ops/base.py` (`Operator`, `LinearOperator`): typed rule
+args, declared devices and CUDA-graph behaviour, `from_module`, `load_weights(source, prefix,
+shard)`. Rules name operators by these keys, never by import path. Adding an operator is one file
+(its class) plus one line here; modules are imported only when a rule names them.
 """
 
 from __future__ import annotations
 
 import importlib
 
-# name -> (module, class, what it replaces)
+from .base import LinearOperator, NoArgs, OpArgs, OpArgsError, Operator, Shard
+
+# name -> "module:Class"
 OPS = {
-    "linear.int8_block": ("hybrid_r1.ops.linear_int8", "Int8BlockLinear", "Linear"),
-    "linear.int8_channel": ("hybrid_r1.ops.linear_int8", "Int8ChannelLinear", "Linear"),
-    "experts.ggml_cpu": ("hybrid_r1.ops.experts_ggml", "GGMLExperts", "Experts"),
-    "experts.dequant": ("hybrid_r1.ops.experts_reference", "DequantExperts", "Experts"),
+    "linear.int8_block": "hybrid_r1.ops.linear_int8:Int8BlockLinear",
+    "linear.int8_channel": "hybrid_r1.ops.linear_int8:Int8ChannelLinear",
+    "experts.ggml_cpu": "hybrid_r1.ops.experts_ggml:GGMLExperts",
+    "experts.dequant": "hybrid_r1.ops.experts_reference:DequantExperts",
 }
 
 
-def op_class(name: str):
-    module, cls, _ = OPS[name]
-    return getattr(importlib.import_module(module), cls)
+def op_class(name: str) -> type[Operator]:
+    module, cls = OPS[name].split(":")
+    op = getattr(importlib.import_module(module), cls)
+    assert issubclass(op, Operator) and op.name == name, f"{OPS[name]} does not declare name {name!r}"
+    return op
+
+
+__all__ = ["OPS", "op_class", "Operator", "LinearOperator", "OpArgs", "OpArgsError", "NoArgs", "Shard"]

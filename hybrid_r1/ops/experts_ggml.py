@@ -11,58 +11,83 @@ ggml computes, so the GPU side of the step can run meanwhile.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .. import ggml_lib
 from ..errors import CheckpointError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
+from .base import OpArgs, OpArgsError, Operator, Shard
 from .experts_gpu_prefill import GPUExpertPrefill, supported
-from .experts_reference import check_call, check_cpu, expert_tensors
+from .experts_reference import check_call, expert_tensors
 
 log = logging.getLogger(__name__)
 
 
-class GGMLExperts(nn.Module):
-    """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden], on x's
-    device and dtype. `threads`: ggml threads (default: the physical cores this process may use).
-    `chunk_tokens`: prefill runs in chunks of at most this many tokens (activation memory is about
-    320 KB per token at 671B width). `poll`: how long idle ggml workers spin before sleeping
-    (ggml_lib.Executor; 0 frees the cores between layers). `prefill_device` (e.g. "cuda:0"): calls
-    of at least `prefill_min_tokens` tokens stream the used experts to that GPU and run there
-    (experts_gpu_prefill.py); types it cannot expand stay on the CPU, with a warning."""
+@dataclass(frozen=True)
+class GGMLArgs(OpArgs):
+    threads: int | None = None  # ggml threads (default: the physical cores this process may use)
+    chunk_tokens: int = 1024  # prefill runs in chunks of at most this many tokens
+    poll: int = 0  # how long idle ggml workers spin before sleeping (0..100)
+    prefill_device: str | None = None  # a CUDA device: long calls stream the experts there
+    prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, threads: int | None = None,
-                 chunk_tokens: int = 1024, poll: int = 0, prefill_device: str | None = None,
-                 prefill_min_tokens: int = 256):
+    def check(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise OpArgsError("threads", f"must be >= 1, got {self.threads}")
+        if self.chunk_tokens < 1:
+            raise OpArgsError("chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
+        if not 0 <= self.poll <= 100:
+            raise OpArgsError("poll", f"must be in 0..100, got {self.poll}")
+        if self.prefill_min_tokens < 1:
+            raise OpArgsError("prefill_min_tokens", f"must be >= 1, got {self.prefill_min_tokens}")
+        if self.prefill_device is not None:
+            try:
+                ok = torch.device(self.prefill_device).type == "cuda"
+            except (RuntimeError, TypeError):
+                ok = False
+            if not ok:
+                raise OpArgsError("prefill_device", f"must be a CUDA device, got {self.prefill_device!r}")
+
+
+class GGMLExperts(Operator):
+    """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden], on x's
+    device and dtype. Arguments: GGMLArgs. Activation memory is about 320 KB per token at 671B
+    width (hence `chunk_tokens`); `poll` 0 frees the cores between layers (ggml_lib.Executor);
+    with `prefill_device`, calls of at least `prefill_min_tokens` tokens stream the used experts to
+    that GPU and run there (experts_gpu_prefill.py); types it cannot expand stay on the CPU, with a
+    warning. Runs on the host: a decode graph breaks around it."""
+
+    name = "experts.ggml_cpu"
+    replaces = "Experts"
+    Args = GGMLArgs
+    devices = ("cpu",)
+    graph_safe = False
+    host_sync = True
+    moves_inputs = True  # GPU inputs come over in one sync through pinned buffers (_from_gpu)
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, **args):
         super().__init__()
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-        if not 0 <= poll <= 100:
-            raise ValueError(f"poll must be in 0..100, got {poll}")
+        a = GGMLArgs(**args)
+        a.check()
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
-        self.threads = threads or ggml_lib.physical_cores()
-        if prefill_min_tokens < 1:
-            raise ValueError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
-        if prefill_device is not None and torch.device(prefill_device).type != "cuda":
-            raise ValueError(f"prefill_device must be a CUDA device, got {prefill_device!r}")
-        self.chunk_tokens, self.poll = chunk_tokens, poll
-        self.prefill_device, self.prefill_min_tokens = prefill_device, prefill_min_tokens
+        self.threads = a.threads or ggml_lib.physical_cores()
+        self.chunk_tokens, self.poll = a.chunk_tokens, a.poll
+        self.prefill_device, self.prefill_min_tokens = a.prefill_device, a.prefill_min_tokens
         self.prefill: GPUExpertPrefill | None = None
         self._pinned_key, self._pinned_bufs = None, ()  # host staging of decode calls from a GPU
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
         self.weights: ggml_lib.ExpertWeights | None = None
 
     @classmethod
-    def from_module(cls, module: nn.Module, device=None, dtype=None, **args) -> "GGMLExperts":
-        check_cpu(cls, device)
-        return cls(len(module), module[0].gate_proj.in_features, module[0].gate_proj.out_features, **args)
+    def from_module(cls, module, device=None, dtype=None, args: GGMLArgs | None = None) -> "GGMLExperts":
+        shape = module[0].gate_proj
+        return cls(len(module), shape.in_features, shape.out_features, **vars(args or GGMLArgs()))
 
-    def load_weights(self, source: WeightSource, prefix: str) -> None:
+    def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
+        assert shard is None, "experts.ggml_cpu does not shard"  # declared: shardable = False
         tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
         weights = ggml_lib.ExpertWeights(
             tensors["gate"].data, tensors["up"].data, tensors["down"].data,

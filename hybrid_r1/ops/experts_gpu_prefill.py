@@ -76,7 +76,9 @@ class GPUExpertPrefill:
         return out  # gate [I, H], up [I, H], down [H, I], bf16
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Grouped on the host: which experts to stream is decided there (the CPU stages their bytes).
         order, token, counts = group_by_expert(idx.to("cpu", torch.int64), self.tensors["gate"].ne[2])
+        counts = counts.tolist()
         dev = self.device
         x_g = x.to(dev, torch.bfloat16)
         tok_g = token.to(dev)

@@ -6,14 +6,17 @@ and a fallback for a type ggml's CPU backend lacks; never fast.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import CheckpointError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
+from ..model import group_by_expert
+from .base import OpArgs, Operator, Shard
 
 PARTS = ("gate", "up", "down")
 
@@ -50,8 +53,21 @@ def expert_tensors(source: WeightSource, prefix: str, n_experts: int, hidden: in
     return experts
 
 
-class DequantExperts(nn.Module):
+@dataclass(frozen=True)
+class DequantArgs(OpArgs):
+    compute_dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+
+
+class DequantExperts(Operator):
     """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden]."""
+
+    name = "experts.dequant"
+    replaces = "Experts"
+    Args = DequantArgs
+    devices = ("cpu",)
+    graph_safe = False
+    host_sync = True
+    moves_inputs = True  # copies its inputs to the CPU and the result back itself
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int,
                  compute_dtype: torch.dtype = torch.float32):
@@ -61,11 +77,13 @@ class DequantExperts(nn.Module):
         self.tensors: dict[str, GGMLTensor] | None = None
 
     @classmethod
-    def from_module(cls, module: nn.Module, device=None, dtype=None, **args) -> "DequantExperts":
-        check_cpu(cls, device)
-        return cls(len(module), module[0].gate_proj.in_features, module[0].gate_proj.out_features, **args)
+    def from_module(cls, module, device=None, dtype=None, args: DequantArgs | None = None) -> "DequantExperts":
+        shape = module[0].gate_proj
+        dtype = getattr(torch, (args or DequantArgs()).compute_dtype)
+        return cls(len(module), shape.in_features, shape.out_features, dtype)
 
-    def load_weights(self, source: WeightSource, prefix: str) -> None:
+    def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
+        assert shard is None, "experts.dequant does not shard"  # declared: shardable = False
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
@@ -95,18 +113,17 @@ class DequantExperts(nn.Module):
         check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
         xc, w = x.detach().to("cpu", self.compute_dtype), topk_w.to("cpu", self.compute_dtype)
         out = torch.zeros_like(xc)
-        for e in idx.unique().tolist():
-            tok, slot = (idx == e).nonzero(as_tuple=True)
+        order, token, counts = group_by_expert(idx, self.n_experts)
+        flat_w = w.flatten()
+        starts = [0, *counts.cumsum(0).tolist()]
+        for e in counts.nonzero().flatten().tolist():
+            sel = order[starts[e]:starts[e + 1]]
+            tok = token[starts[e]:starts[e + 1]]
             gate, up, down = self.expert(e)
             xe = xc[tok]
             h = torch.nn.functional.silu(xe @ gate.T) * (xe @ up.T)
-            out.index_add_(0, tok, (h @ down.T) * w[tok, slot, None])
+            out.index_add_(0, tok, (h @ down.T) * flat_w[sel, None])
         return out.to(x.device, x.dtype)
-
-
-def check_cpu(cls, device) -> None:
-    if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"{cls.__name__} computes on the CPU; its rule must say device: cpu, not {device}")
 
 
 def check_call(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: int, hidden: int) -> None:

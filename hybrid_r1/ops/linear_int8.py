@@ -8,23 +8,36 @@ per token), rounding to nearest even unless the rule says `rounding: trunc`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
 from ..formats.source import WeightSource, check_tensor
+from .base import LinearOperator, OpArgs, Shard
 
 SCHEMES = {"block": "weight_scale_inv", "channel": "weight_scale"}
+ROUNDINGS = ("nearest_even", "trunc")
+BLOCK = 128  # weight tile and activation group of the block scheme
 
 
-class Int8Linear(nn.Module):
+@dataclass(frozen=True)
+class Int8Args(OpArgs):
+    rounding: Literal["nearest_even", "trunc"] = "nearest_even"  # of the activation quantization
+
+
+class Int8Linear(LinearOperator):
     scheme = ""  # set by subclasses
+    Args = Int8Args
+    shardable = True
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.bfloat16, rounding: str = "nearest_even"):
         super().__init__()
-        if rounding not in ("nearest_even", "trunc"):
+        if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be nearest_even or trunc, got {rounding!r}")
         self.in_features, self.out_features = in_features, out_features
         self.device, self.dtype, self.rounding = torch.device(device), dtype, rounding
@@ -34,12 +47,10 @@ class Int8Linear(nn.Module):
         self.glu = False  # fused gate+up: weight = cat(gate, up), output silu(gate) * up
 
     @classmethod
-    def from_module(cls, module: nn.Linear, device, dtype, **args) -> "Int8Linear":
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{cls.__name__} replaces a Linear, not a {type(module).__name__}")
-        return cls(module.in_features, module.out_features, device, dtype, **args)
+    def from_module(cls, module: nn.Linear, device, dtype, args: Int8Args) -> "Int8Linear":
+        return cls(module.in_features, module.out_features, device, dtype, args.rounding)
 
-    def load_weights(self, source: WeightSource, prefix: str) -> None:
+    def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         name = prefix + ".weight"
         check_tensor(source, name, (self.out_features, self.in_features))
         # Stored INT8 comes with its scale tensor; anything else (BF16, FP8, GGML blocks) is
@@ -57,14 +68,28 @@ class Int8Linear(nn.Module):
             from hybrid_r1_merge_tools.quantize import quantize_weight
 
             q, s = quantize_weight(source.tensor(name, torch.bfloat16), self.scheme)
+        if shard is not None:  # quantized whole first: a rank's slice is bit-identical to one GPU's
+            q, s = self._slice(q, s, shard, name)
         self.weight = q.to(self.device).contiguous()
         self.weight_scale = s.to(self.device).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        home = x.device  # the result goes back where the input came from (a rule may split a block)
-        return self._forward(x.to(self.device)).to(home)
+    def _slice(self, q: torch.Tensor, s: torch.Tensor, shard: Shard, name: str):
+        """This rank's rows (dim 0) or columns (dim 1) of the weight, with the scales that go with
+        them: block scales by 128-tiles (the split must fall on tile edges), channel scales by row."""
+        align = BLOCK if self.scheme == "block" else 1
+        try:
+            lo, hi = shard.bounds(q.shape[shard.dim], align)
+        except ValueError as e:
+            raise CheckpointError(f"cannot split for tensor parallelism: {e}", tensor=name) from None
+        q = q.narrow(shard.dim, lo, hi - lo)
+        if self.scheme == "block":
+            s = s.narrow(shard.dim, lo // BLOCK, (hi - lo) // BLOCK)
+        elif shard.dim == 0:
+            s = s.narrow(0, lo, hi - lo)
+        self.out_features, self.in_features = q.shape
+        return q, s
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             from hybrid_r1_kernels import int8_linear as k
 
@@ -85,7 +110,7 @@ class Int8Linear(nn.Module):
         need self's rows to end on a 128-row tile)."""
         if (type(other) is not type(self) or other.device != self.device or other.rounding != self.rounding
                 or other.in_features != self.in_features or self.glu or other.glu
-                or (self.scheme == "block" and self.out_features % 128)
+                or (self.scheme == "block" and self.out_features % BLOCK)
                 or (glu and self.out_features != other.out_features)):
             return None
         fused = type(self)(self.in_features, self.out_features + other.out_features, self.device, self.dtype,
@@ -105,7 +130,7 @@ class Int8Linear(nn.Module):
             from ..formats.safetensors import dequant_int8
 
             self._cpu_dense = dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale})
-        group = 128 if self.scheme == "block" else None
+        group = BLOCK if self.scheme == "block" else None
         q, s = act_quant_ref(x, group, self.rounding)
         g = group or x.shape[-1]
         xq = (q.float().unflatten(-1, (-1, g)) if x.shape[-1] % g == 0 else None)
@@ -129,10 +154,12 @@ class Int8Linear(nn.Module):
 class Int8BlockLinear(Int8Linear):
     """Block-wise W8A8: 128x128 weight tiles, activations per token per 128 channels."""
 
+    name = "linear.int8_block"
     scheme = "block"
 
 
 class Int8ChannelLinear(Int8Linear):
     """Channel-wise W8A8: one scale per output row, one per token; int32 accumulation."""
 
+    name = "linear.int8_channel"
     scheme = "channel"
