@@ -60,6 +60,9 @@ class ZeroExperts(Operator):
 
     name, replaces, host_sync, moves_inputs = "bench.zero_experts", "Experts", True, True
 
+    def load_weights(self, source, prefix, shard=None):
+        pass  # no weights
+
     def forward(self, x, idx, w):
         return torch.zeros_like(x)
 
