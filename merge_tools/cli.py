@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
 
-from hybrid_r1.errors import CheckpointError, HybridR1Error
+from hybrid_r1.errors import HybridR1Error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,19 +57,15 @@ def _quantize(args) -> int:
 
 
 def _open(path: Path):
-    """A reader for `path`. New formats plug in here: hybrid_r1.loading.open_checkpoint dispatches
-    on the path (safetensors folder; .gguf file once hybrid_r1.formats.gguf exists)."""
-    from hybrid_r1.loading import open_checkpoint
+    from hybrid_r1.loading import open_checkpoint  # the one entry from a path to a reader
 
-    if path.suffix == ".gguf" and importlib.util.find_spec("hybrid_r1.formats.gguf") is None:
-        raise CheckpointError("reading GGUF needs hybrid_r1.formats.gguf, which this version lacks", file=str(path))
     return open_checkpoint(path)
 
 
 def _inspect(path: Path) -> int:
     src = _open(path)
     cfg = src.config
-    quant = (src.quantization() or "unquantized") if hasattr(src, "quantization") else "ggml types below"
+    quant = src.quantization() or ("ggml types below" if _is_gguf(src) else "unquantized")
     print(f"{path}: {cfg.extra.get('model_type', 'deepseek')}, {cfg.num_hidden_layers} layers "
           f"(+{cfg.num_nextn_predict_layers} MTP, {cfg.first_k_dense_replace} dense), hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts} routed experts (top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}, "
@@ -85,10 +80,16 @@ def _inspect(path: Path) -> int:
     return 0
 
 
+def _is_gguf(src) -> bool:
+    from hybrid_r1.formats.gguf import GGUFCheckpoint
+
+    return isinstance(src, GGUFCheckpoint)
+
+
 def _tensor_rows(src) -> list[tuple[str, str, str, str]]:
     """(name, dtype, shape, file) of each stored tensor: a GGUF lists its own tensors, with ggml
     types and shapes in ggml `ne` order; a safetensors folder its HF tensors."""
-    if hasattr(src, "gguf_names"):
+    if _is_gguf(src):
         from gguf import GGMLQuantizationType
 
         return [(t.name, GGMLQuantizationType(t.ggml_type).name, "x".join(map(str, t.ne)), Path(t.file).name)
