@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..formats.source import WeightSource, check_tensor
 
-SCHEMES = {"block": "weight_scale_inv", "channel": "weight_scale"}
+from ..quant import SCALE_SUFFIX as SCHEMES  # scheme -> scale tensor suffix
 
 
 class Int8Linear(nn.Module):
@@ -54,7 +54,7 @@ class Int8Linear(nn.Module):
                                       f"the checkpoint is quantized with another scheme", file=source.path, tensor=name)
             q, s = stored, scale.float()
         else:
-            from hybrid_r1_merge_tools.quantize import quantize_weight
+            from ..quant import quantize_weight
 
             q, s = quantize_weight(source.tensor(name, torch.bfloat16), self.scheme)
         self.weight = q.to(self.device).contiguous()
