@@ -252,14 +252,15 @@ def _fsync_dir(folder: Path) -> None:
 
 def _output_error(e: OSError, out: Path, needed_bytes: int | None, where: str) -> OutputError:
     path = e.filename or out
+    file = f" ({Path(path).name})" if e.filename else ""
     if e.errno in _NO_SPACE:
-        need = f": the output needs about {_size(needed_bytes)}" if needed_bytes else ""
+        need = f": it needs about {_size(needed_bytes)}" if needed_bytes else ""
         free = shutil.disk_usage(out.parent).free if out.parent.is_dir() else 0
-        return OutputError(f"no space left writing {path}{need}, {_size(free)} free in {out.parent} "
-                           f"(the partial output was removed){where}", path)
+        return OutputError(f"no space left on the device writing {out}{file}{need}, {_size(free)} free in "
+                           f"{out.parent} once the partial output was removed{where}", out)
     if e.errno == errno.EFBIG:
-        return OutputError(f"file too large for the file system of {out.parent} writing {path} "
-                           f"(FAT32 caps files at 4 GiB: use smaller shards or another file system){where}", path)
+        return OutputError(f"file too large for the file system of {out.parent} writing {out}{file} "
+                           f"(FAT32 caps files at 4 GiB: use smaller shards or another file system){where}", out)
     if e.errno == errno.EROFS:
         return OutputError(f"cannot write {path}: read-only file system{where}", path)
     if e.errno in (errno.EACCES, errno.EPERM):
