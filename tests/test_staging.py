@@ -244,3 +244,20 @@ def test_disk_full_midway(tmp_path, forkserver):
     assert "it needs about 0.4 MiB" in text and f"the input {src} is untouched" in text
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1
     assert tree_hash(src) == before and leftovers(tmp_path, {"in", "stderr.txt"}) == []
+
+
+def test_cli_wording(tmp_path, capsys):
+    """A missing input, a file given as the input folder, an existing output: exit 2, `error:`,
+    each said as it is, in the CLI's terms (--force, not force=True)."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    for given, says in [(tmp_path / "nope", "the input does not exist"), (gguf, "the input is a file, not a checkpoint folder")]:
+        assert merge_main(["quantize", "--input", str(given), "--output", str(tmp_path / "o"), "--scheme", "block"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + says) and str(given) in err
+    out = _filled(tmp_path / "ck", "mine")
+    assert merge_main(["synth", str(out), "--no-tokenizer", "--set", "vocab_size=64", "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} exists; pass --force to replace it\n" and (out / "a.txt").read_text() == "mine"
+    assert merge_main(["synth", str(tmp_path / "x"), "--set", "vocab_size"]) == 2
+    assert capsys.readouterr().err == "error: --set expects key=value, got 'vocab_size'\n"
