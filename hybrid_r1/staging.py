@@ -97,6 +97,8 @@ def staged_output(out: str | Path, *, force: bool = False, needed_bytes: int | N
             _fsync_tree(staging)
             _publish(staging, out, force, keep_existing)
         except BaseException:
+            if _old(staging).is_dir() and not out.exists():  # the fallback failed between its renames
+                os.rename(_old(staging), out)
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(_old(staging), ignore_errors=True)
             raise
@@ -261,8 +263,6 @@ def _output_error(e: OSError, out: Path, needed_bytes: int | None, where: str) -
     if e.errno == errno.EFBIG:
         return OutputError(f"file too large for the file system of {out.parent} writing {out}{file} "
                            f"(FAT32 caps files at 4 GiB: use smaller shards or another file system){where}", out)
-    if e.errno == errno.EROFS:
-        return OutputError(f"cannot write {path}: read-only file system{where}", path)
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return OutputError(f"cannot write {path}: permission denied{where}", path)
-    return OutputError(f"cannot write {path}: {e.strerror or e}{where}", path)
+    why = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
+    return OutputError(f"cannot write {out}: {why} ({path}){where}", out)

@@ -261,3 +261,40 @@ def test_cli_wording(tmp_path, capsys):
     assert err == f"error: {out} exists; pass --force to replace it\n" and (out / "a.txt").read_text() == "mine"
     assert merge_main(["synth", str(tmp_path / "x"), "--set", "vocab_size"]) == 2
     assert capsys.readouterr().err == "error: --set expects key=value, got 'vocab_size'\n"
+
+
+def test_read_only_output_folder(tmp_path, monkeypatch, capsys):
+    """EROFS where the staging folder is made (as on a read-only mount; root ignores chmod, so the
+    error is injected): exit 2 naming the folder and the untouched input."""
+    import errno
+
+    src = _bf16_checkpoint(tmp_path / "in")
+
+    def read_only(out):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out.parent / f".{out.name}.staging-1.lock"))
+
+    monkeypatch.setattr(staging, "_create", read_only)
+    out = tmp_path / "ro" / "out"
+    assert merge_main(["quantize", "--input", str(src), "--output", str(out), "--scheme", "block"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out}: read-only file system ({out.parent}/.out.staging-1.lock)")
+    assert err.rstrip().endswith(f"the input {src} is untouched")
+
+
+def test_fallback_failing_between_renames_restores(tmp_path, monkeypatch):
+    """The fallback's second rename fails (not a kill: an error): the old output goes back."""
+    out = _filled(tmp_path / "out", "old")
+    monkeypatch.setattr(staging, "_exchange", lambda src, dst: False)
+    real, calls = os.rename, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(staging.os, "rename", second_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        with staged_output(out, force=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "old" and leftovers(tmp_path, {"out"}) == []
