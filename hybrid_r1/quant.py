@@ -48,11 +48,13 @@ def quantize_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 [N, K] -> (int8 [N, K], fp32 [ceil(N/128), ceil(K/128)]) as Meituan's Triton converter."""
     n, k = w.shape
     nb, kb = -(-n // BLOCK), -(-k // BLOCK)
-    x = torch.zeros(nb * BLOCK, kb * BLOCK, dtype=torch.float32, device=w.device)  # tail tiles zero-padded, as masked loads read them
+    # tail tiles zero-padded, as masked loads read them
+    x = torch.zeros(nb * BLOCK, kb * BLOCK, dtype=torch.float32, device=w.device)
     x[:n, :k] = w.to(torch.bfloat16)
     tiles = x.view(nb, BLOCK, kb, BLOCK)
     amax = tiles.abs().amax(dim=(1, 3), keepdim=True)  # [nb, 1, kb, 1], bf16 values held exactly in fp32
-    s = amax * torch.tensor(1 / INT8_MAX, dtype=torch.float32, device=w.device)  # == div.full.f32(amax, 127) for every bf16 amax
+    # == div.full.f32(amax, 127) for every bf16 amax
+    s = amax * torch.tensor(1 / INT8_MAX, dtype=torch.float32, device=w.device)
     q = tiles.div(torch.where(s > 0, s, 1.0)).trunc_()  # a zero tile divides 0 by 1: q = 0, s = 0
     qmax = torch.full((128,), float(INT8_MAX), device=w.device)  # indexed by the 7-bit mantissa, not a block size
     qmax[list(_AMAX_TRUNCATES_TO_126)] = INT8_MAX - 1.0
@@ -108,14 +110,16 @@ def dequant_block(q: torch.Tensor, scale: torch.Tensor, *, name: str = "", file:
     return q.float() * s
 
 
-def dequant_int8(q: torch.Tensor, extra: dict[str, torch.Tensor], *, name: str = "", file: str | None = None) -> torch.Tensor:
+def dequant_int8(q: torch.Tensor, extra: dict[str, torch.Tensor], *, name: str = "",
+                 file: str | None = None) -> torch.Tensor:
     """INT8 weight -> fp32, `extra` the companions by suffix (as WeightSource.raw gives them): block
     scales (`weight_scale_inv`) or per-row scales (`weight_scale` [N, 1])."""
     if SCHEMES["block"].scale_suffix in extra:
         return dequant_block(q, extra[SCHEMES["block"].scale_suffix], name=name, file=file)
     s = extra[SCHEMES["channel"].scale_suffix]
     if tuple(s.shape) not in ((q.shape[0], 1), (q.shape[0],)):
-        raise CheckpointError(f"channel scale has shape {list(s.shape)}, expected [{q.shape[0]}, 1]", file=file, tensor=name)
+        raise CheckpointError(f"channel scale has shape {list(s.shape)}, expected [{q.shape[0]}, 1]",
+                              file=file, tensor=name)
     return q.float() * s.float().view(-1, 1)
 
 
@@ -140,7 +144,8 @@ class Scheme:
     def quant_config(self) -> dict:
         """config.json's quantization_config for a checkpoint of this scheme (a fresh dict)."""
         if self.name == "block":
-            return {"quant_method": self.quant_method, "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic"}
+            return {"quant_method": self.quant_method, "weight_block_size": [BLOCK, BLOCK],
+                    "activation_scheme": "dynamic"}
         # SGLang's W8A8Int8Config reads nothing else from here (per-token dynamic activations are implied).
         return {"quant_method": self.quant_method, "activation_scheme": "dynamic"}
 
@@ -154,7 +159,8 @@ SCHEMES: dict[str, Scheme] = {
 SCALE_SUFFIX = {s.name: s.scale_suffix for s in SCHEMES.values()}  # scheme -> scale tensor suffix
 FP8_SCALE_SUFFIX = "weight_scale_inv"
 SCALE_SUFFIXES = tuple(dict.fromkeys([FP8_SCALE_SUFFIX, *SCALE_SUFFIX.values()]))  # every companion a weight may have
-FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [BLOCK, BLOCK]}
 # config.json quant_method -> what the tensors hold (detection's vocabulary)
 QUANT_METHODS = {"fp8": "fp8", **{s.quant_method: s.kind for s in SCHEMES.values()}}
 

@@ -124,17 +124,12 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} exists; pass --force to replace it", out)
 
 
-@dataclass
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    kind: str  # "copy", "quantize" (the int8 weight) or "scale" (its scale, written right after it)
-    bytes_in: int = 0
+@dataclass(frozen=True)
+class _Entry(TensorSpec):
+    """One output tensor and where its bytes come from."""
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+    kind: str = "copy"  # "copy", "quantize" (the int8 weight) or "scale" (its scale, written right after it)
+    bytes_in: int = 0
 
 
 def _plan(ckpt: SafetensorsCheckpoint, source: str, scheme: str) -> tuple[dict[str, list[_Entry]], list[str]]:
@@ -192,7 +187,7 @@ def _quantizes(ckpt: SafetensorsCheckpoint, name: str, source: str) -> bool:
 def _write_shard(path: Path, entries: list[_Entry], ckpt: SafetensorsCheckpoint, source: str, scheme: str) -> int:
     """Stream one safetensors file: the header (every shape is known up front), then each tensor."""
     scales: list[torch.Tensor] = []
-    with SafetensorsWriter(path, [TensorSpec(e.name, e.dtype, e.shape) for e in entries], {"format": "pt"}) as f:
+    with SafetensorsWriter(path, entries, {"format": "pt"}) as f:
         for e in entries:
             if e.kind == "copy":
                 chunks: Iterator[torch.Tensor] | list[torch.Tensor] = [ckpt.raw(e.name)[0]]
