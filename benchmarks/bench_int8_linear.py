@@ -33,24 +33,25 @@ def _rel(out, ref):
 
 
 def _quant_block_halves(dense, glu):
-    from hybrid_r1_kernels.reference import quantize_weight_block
+    from hybrid_r1.quant import quantize_block
     if not glu:
-        return quantize_weight_block(dense, "trunc")
+        return quantize_block(dense)
     g, u = dense.chunk(2, 0)
-    (qg, sg), (qu, su) = quantize_weight_block(g, "trunc"), quantize_weight_block(u, "trunc")
+    (qg, sg), (qu, su) = quantize_block(g), quantize_block(u)
     return torch.cat([qg, qu]), torch.cat([sg, su])
 
 
 def _dequant_block_halves(q, s, glu):
-    from hybrid_r1_kernels.reference import dequant_block_weight
+    from hybrid_r1.quant import dequant_block
     if not glu:
-        return dequant_block_weight(q, s)
-    return torch.cat([dequant_block_weight(a, b) for a, b in zip(q.chunk(2, 0), s.chunk(2, 0))])
+        return dequant_block(q, s)
+    return torch.cat([dequant_block(a, b) for a, b in zip(q.chunk(2, 0), s.chunk(2, 0))])
 
 
 def correctness(dev, names, m_list):
     """Relative error vs the fp32 product with the dequantized weight (what INT8 costs in accuracy),
     and vs the exact int8 math in fp64 (what the kernel adds: should be bf16 output rounding)."""
+    from hybrid_r1 import quant
     from hybrid_r1_kernels import reference as R
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
@@ -59,7 +60,7 @@ def correctness(dev, names, m_list):
         gen = torch.Generator(device=dev).manual_seed(N + K)
         dense = torch.randn(2 * N if glu else N, K, device=dev, generator=gen) * 0.02
         qb, sb = _quant_block_halves(dense, glu)
-        qc, sc = R.quantize_weight_channel(dense)
+        qc, sc = quant.quantize_channel(dense)
         wb, wc = _dequant_block_halves(qb, sb, glu), qc.float() * sc
         for M in m_list:
             # Plain Gaussian activations, as the peer numbers in PEERS.md (outlier channels raise

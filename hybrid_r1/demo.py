@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -49,25 +47,14 @@ def is_current(folder: Path) -> bool:
 def ensure_demo(announce: Callable[[str], None] = lambda msg: None) -> Path:
     """The demo checkpoint's folder, written first if it is missing or out of date.
 
-    Safe against two processes writing it at once: each writes its own staging folder and the
-    first rename wins."""
+    Safe against two processes writing it at once: each stages its own folder (hybrid_r1.staging)
+    and a current demo published by the other meanwhile is kept, not replaced."""
     folder = demo_dir()
     if is_current(folder):
         return folder
     from .synth import SyntheticWeights, preset_config, write_checkpoint
 
     announce(f"writing the demo checkpoint (tiny, random weights, real R1 tokenizer) to {folder} ...")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-staging.", dir=folder.parent))
-    try:
-        written = write_checkpoint(staging / "demo", SyntheticWeights(preset_config(PRESET), SEED))
-        if folder.exists() and not is_current(folder):
-            shutil.rmtree(folder)  # an older preset, or a folder left half-written by hand
-        try:
-            written.rename(folder)
-        except OSError:
-            if not is_current(folder):  # not another process that got there first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # force: an older preset, or a folder left half-written by hand, is replaced
+    write_checkpoint(folder, SyntheticWeights(preset_config(PRESET), SEED), force=True, keep_existing=is_current)
     return folder

@@ -28,6 +28,7 @@ from torch import nn
 from . import model as M
 from .errors import HybridR1Error
 from .ops import OPS, LinearOperator, OpArgs, OpArgsError, Operator, op_class
+from .quant import scheme_of, scheme_of_kind
 
 RULE_KEYS = {"name", "class", "op", "device", "args", "comment"}
 # The module classes of the model a `class:` may name (rules match the tree before any swap).
@@ -254,7 +255,7 @@ def int8_rules(scheme: str, device: torch.device | str) -> list[Rule]:
     dense matrix every decode step and so stays in the run dtype (dequantized once at load)."""
     return parse_rules([
         {"name": r"\.kv_b_proj$", "device": str(device)},
-        {"name": r"^model\.layers\.\d+\.", "class": "Linear", "op": f"linear.int8_{scheme}", "device": str(device)},
+        {"name": r"^model\.layers\.\d+\.", "class": "Linear", "op": scheme_of(scheme).op, "device": str(device)},
     ], where=f"built-in int8 {scheme} rules")
 
 
@@ -265,14 +266,12 @@ def ggml_expert_rules() -> list[Rule]:
                        where="built-in GGUF rules")
 
 
-INT8_SCHEMES = {"int8_block": "block", "int8_channel": "channel"}  # source.quantization() -> scheme
-
-
 def default_rules(source, device: torch.device | str, quantize: str | None = None) -> list[Rule]:
     """The rules a load without `rules=` uses for `source` (also what `hybrid-r1 plan` explains):
     INT8 linears as stored (or as `quantize` asks), GGML routed experts on the CPU operator,
     everything else on `device` in the run dtype."""
-    scheme = quantize or INT8_SCHEMES.get(source.quantization())
+    stored = scheme_of_kind(source.quantization())
+    scheme = quantize or (stored.name if stored else None)
     rules = int8_rules(scheme, device) if scheme else []
     cfg = source.config
     moe = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)

@@ -5,6 +5,7 @@ name, so any subset can be regenerated identically (the GGUF and INT8 writers st
 numbers). `write_checkpoint` streams it into a Hugging Face folder: config.json with the real keys,
 the real DeepSeek-R1 tokenizer files, safetensors shards with an index, in BF16 or in the FP8
 release format (128x128 block scales, zero-padded tails), plus the MTP layer the loader must skip.
+It streams one tensor at a time into a staging folder published at the end (hybrid_r1.staging).
 
     python -m hybrid_r1.synth OUT --preset tiny [--format fp8] [--layers N] [--set key=value]
 """
@@ -15,19 +16,19 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, HybridR1Error
 from .formats.ggml_tensor import GGMLTensor
+from .formats.safetensors_writer import SafetensorsWriter, TensorSpec, plan_shards, shard_name, write_index
+from .quant import BLOCK, FP8_QUANT_CONFIG, FP8_SCALE_SUFFIX, quantize_fp8_block
+from .staging import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ PRESETS = {
                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
                        num_experts_per_tok=8, n_group=8, topk_group=4),
 }
-FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-FP8_MAX = 448.0
 
 
 def preset_config(name: str, **overrides) -> ModelConfig:
@@ -165,31 +164,18 @@ class SyntheticWeights:
             raise CheckpointError("tensor not in the synthetic model", file=self.path, tensor=name) from None
 
 
-def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DeepSeek FP8 release format: per 128x128 tile s = amax/448, q = fp8(w/s); tail tiles
-    are zero-padded before their amax (which padding does not change)."""
-    n, k = w.shape
-    nb, kb = -(-n // block), -(-k // block)
-    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
-    padded[:n, :k] = w.float()
-    tiles = padded.view(nb, block, kb, block)
-    scale = tiles.abs().amax(dim=(1, 3)) / FP8_MAX  # [nb, kb]
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (tiles / scale[:, None, :, None]).view(nb * block, kb * block)[:n, :k].to(torch.float8_e4m3fn)
-    return q, scale
-
-
 def write_checkpoint(out: str | Path, weights: SyntheticWeights, *, fmt: str = "bf16", shard_mb: int = 512,
-                     tokenizer: bool = True, force: bool = False) -> Path:
-    """Stream `weights` into a checkpoint folder at `out` (written to a temporary folder, renamed at the end)."""
+                     tokenizer: bool = True, force: bool = False,
+                     keep_existing: Callable[[Path], bool] | None = None) -> Path:
+    """Stream `weights` into a checkpoint folder at `out`, staged and published at the end
+    (hybrid_r1.staging: an existing `out` is replaced only with force, atomically; keep_existing
+    as there)."""
     if fmt not in ("bf16", "fp8"):
         raise ValueError(f"format must be bf16 or fp8, got {fmt!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    shards = plan_shards((_stored_specs(weights, name, fmt) for name in weights.names()), shard_mb << 20)
+    total = sum(s.nbytes for shard in shards for s in shard)
+    with staged_output(out, force=force, needed_bytes=total, keep_existing=keep_existing) as tmp:
         cfg = weights.config.to_hf_dict()
         if fmt == "fp8":
             cfg["quantization_config"] = FP8_QUANT_CONFIG
@@ -198,64 +184,41 @@ def write_checkpoint(out: str | Path, weights: SyntheticWeights, *, fmt: str = "
             from .tokenizer import write_r1_tokenizer_files
 
             write_r1_tokenizer_files(tmp)
-        _write_shards(tmp, weights, fmt, shard_mb << 20)
-        publish_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = shard_name(i, len(shards))
+            _write_shard(tmp / fname, shard, weights, fmt)
+            weight_map.update({s.name: fname for s in shard})
+            log.info("wrote shard %d/%d (%.0f MB)", i + 1, len(shards), sum(s.nbytes for s in shard) / 2**20)
+        write_index(tmp, weight_map, total)
     return out
 
 
-def publish_permissions(folder: Path) -> None:
-    """mkdtemp makes a private folder; give it (and its files) the modes a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
+def _stored_specs(weights: SyntheticWeights, name: str, fmt: str) -> list[TensorSpec]:
+    """What the file holds for `name`: the router bias in fp32, FP8 linears with their block scale,
+    everything else bf16."""
+    shape, kind = weights.shape(name), weights.kind(name)
+    if kind == "bias":
+        return [TensorSpec(name, torch.float32, shape)]
+    if kind == "linear" and fmt == "fp8":
+        blocks = (-(-shape[0] // BLOCK), -(-shape[1] // BLOCK))
+        return [TensorSpec(name, torch.float8_e4m3fn, shape),
+                TensorSpec(name[: -len("weight")] + FP8_SCALE_SUFFIX, torch.float32, blocks)]
+    return [TensorSpec(name, torch.bfloat16, shape)]
 
 
-def _write_shards(folder: Path, weights: SyntheticWeights, fmt: str, shard_bytes: int) -> None:
-    shards: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            save_file(pending, str(folder / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            shards.append(list(pending))
-            log.info("wrote shard %d (%.0f MB)", len(shards), size / 2**20)
-            pending, size = {}, 0
-
-    for name in weights.names():
-        kind = weights.kind(name)
-        w = weights.tensor(name)
-        if kind == "bias":
-            items = {name: w.float()}
-        elif kind == "linear" and fmt == "fp8":
-            q, s = quantize_fp8_block(w)
-            items = {name: q, name[: -len("weight")] + "weight_scale_inv": s}
-        else:
-            items = {name: w.to(torch.bfloat16)}
-        for k, t in items.items():
-            pending[k] = t.contiguous()
-            size += t.numel() * t.element_size()
-            total += t.numel() * t.element_size()
-        if size >= shard_bytes:
-            flush()
-    flush()
-    n = len(shards)
-    weight_map = {}
-    for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{n:06d}.safetensors"
-        (folder / f"part-{i:05d}.safetensors").rename(folder / final)
-        weight_map.update({k: final for k in names})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+def _write_shard(path: Path, specs: list[TensorSpec], weights: SyntheticWeights, fmt: str) -> None:
+    with SafetensorsWriter(path, specs, {"format": "pt"}) as f:
+        for spec in specs:
+            if not weights.has(spec.name):
+                continue  # a scale, written with its weight
+            w = weights.tensor(spec.name)
+            if spec.dtype == torch.float8_e4m3fn:
+                q, scale = quantize_fp8_block(w)
+                f.write(spec.name, q)
+                f.write(spec.name[: -len("weight")] + FP8_SCALE_SUFFIX, scale)
+            else:
+                f.write(spec.name, w.to(spec.dtype))
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -263,7 +226,7 @@ def _parse_set(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -285,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer's tensors")
     ap.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     args = ap.parse_args(argv)
-    overrides = _parse_set(args.set)
+    try:
+        overrides = _parse_set(args.set)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.layers is not None:
         overrides["num_hidden_layers"] = args.layers
     if args.dense_layers is not None:
@@ -297,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = preset_config(args.preset, **overrides)
         write_checkpoint(args.output, SyntheticWeights(cfg, args.seed), fmt=args.format, shard_mb=args.shard_mb,
                          tokenizer=not args.no_tokenizer, force=args.force)
-    except (FileExistsError, ValueError) as e:
+    except (HybridR1Error, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")

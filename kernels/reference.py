@@ -1,5 +1,7 @@
 """Pure-torch INT8 W8A8 math: the CPU fallback for the model and the reference the kernel tests
 check against. Formulas: shared/reference/FORMATS.md section 2 (Meituan block / channel INT8).
+The weight conversion formulas (bf16 -> int8 + scale, bit for bit as Meituan's converters) are not
+here: they are hybrid_r1.quant's (this package never imports hybrid_r1; its tests may).
 
 Layouts (same as the Triton kernels):
   x        [..., K] float                  activation
@@ -48,13 +50,6 @@ def act_quant_ref(
     s = _div127(xg.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10))
     q = _quantize(xg, s, rounding).reshape(*x.shape[:-1], groups * g)[..., :K]
     return q.contiguous(), s.squeeze(-1).contiguous()
-
-
-def dequant_block_weight(w: torch.Tensor, w_s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """[N, K] int8 with [ceil(N/128), ceil(K/128)] scales -> dense [N, K]."""
-    N, K = w.shape
-    s = w_s.to(dtype).repeat_interleave(BLOCK, 0)[:N].repeat_interleave(BLOCK, 1)[:, :K]
-    return w.to(dtype) * s
 
 
 def _block_acc(a2, s2, w, w_s, compute_dtype):
@@ -127,23 +122,3 @@ def channel_linear_ref(x, w, w_s, rounding="nearest_even", out_dtype=None,
     """x [..., K] float -> as int8_channel_linear (glu: int8_channel_gate_up)."""
     a_q, a_s = act_quant_ref(x, None, rounding)
     return channel_gemm_ref(a_q, a_s, w, w_s, out_dtype or x.dtype, compute_dtype, glu)
-
-
-def quantize_weight_block(w: torch.Tensor, rounding: str = "trunc") -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense [N, K] -> (int8 [N, K], fp32 [ceil(N/128), ceil(K/128)]), s = amax(tile) / 127.
-    Meituan's converter truncates; an all-zero tile gets s = 0 and q = 0 (no NaN)."""
-    N, K = w.shape
-    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
-    wp = torch.nn.functional.pad(w.float(), (0, kb * BLOCK - K, 0, nb * BLOCK - N))
-    tiles = wp.reshape(nb, BLOCK, kb, BLOCK)
-    s = _div127(tiles.abs().amax(dim=(1, 3)))  # [nb, kb]
-    safe = torch.where(s > 0, s, torch.ones_like(s))[:, None, :, None]
-    q = _quantize(tiles, safe, rounding).reshape(nb * BLOCK, kb * BLOCK)[:N, :K]
-    return q.contiguous(), s.contiguous()
-
-
-def quantize_weight_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense [N, K] -> (int8 [N, K], fp32 [N, 1]), s = amax(row) / 127, round half to even."""
-    s = _div127(w.float().abs().amax(dim=1, keepdim=True))
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    return _quantize(w.float(), safe, "nearest_even"), s

@@ -262,7 +262,7 @@ def test_demo_is_written_once(demo_cache):
     with mock.patch.dict(os.environ, {"HYBRID_R1_CACHE": str(demo_cache)}):
         assert demo.ensure_demo() == folder
     assert (folder / "config.json").stat().st_mtime_ns == stamp and demo.is_current(folder)
-    assert not list(demo_cache.glob(".demo-staging.*"))
+    assert not list(demo_cache.glob(".demo*"))  # no staging folder or lock left
 
 
 def _chat(args: list[str], demo_cache: Path, stdin: str | None = None) -> subprocess.CompletedProcess:

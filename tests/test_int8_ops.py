@@ -8,7 +8,7 @@ import torch
 from hybrid_r1.errors import CheckpointError
 from hybrid_r1.ops.linear_int8 import Int8BlockLinear, Int8ChannelLinear
 from hybrid_r1_kernels.reference import block_linear_ref, channel_linear_ref
-from hybrid_r1_merge_tools.quantize import quantize_weight
+from hybrid_r1.quant import quantize_weight
 
 
 class Source:

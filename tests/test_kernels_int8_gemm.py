@@ -19,6 +19,7 @@ CUDA = torch.cuda.is_available()
 # Without CUDA, tests/conftest.py has switched Triton to its interpreter before any import of it.
 pytest.importorskip("triton")
 
+from hybrid_r1 import quant  # noqa: E402  (the weight formulas; the test only needs valid int8 weights)
 from hybrid_r1_kernels import reference as ref  # noqa: E402
 from hybrid_r1_kernels.act_quant import per_token_group_quant, per_token_quant  # noqa: E402
 from hybrid_r1_kernels.configs import GemmConfig  # noqa: E402
@@ -42,12 +43,12 @@ def _weights(N, K, block, glu, seed):
     dense[:128, :128] = 0
     dense[-1] = 0
     if not block:
-        q, s = ref.quantize_weight_channel(dense)
+        q, s = quant.quantize_channel(dense)
     elif glu:  # each half keeps its own scale grid: cat the two [ceil(N/128), KB] grids
-        (qg, sg), (qu, su) = ref.quantize_weight_block(dense[:N]), ref.quantize_weight_block(dense[N:])
+        (qg, sg), (qu, su) = quant.quantize_block(dense[:N]), quant.quantize_block(dense[N:])
         q, s = torch.cat([qg, qu]), torch.cat([sg, su])
     else:
-        q, s = ref.quantize_weight_block(dense)
+        q, s = quant.quantize_block(dense)
     return q.to(DEV), s.to(DEV)
 
 

@@ -308,10 +308,10 @@ def test_detection(converted, fp8_dir, bf16_dir, work):
     name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
     q, (s,) = ckpt.raw(name)[0], ckpt.raw(name)[1].values()
     assert torch.equal(ckpt.tensor(name, torch.float32), q.float() * s)
-    from hybrid_r1.placement import INT8_SCHEMES
+    from hybrid_r1.quant import scheme_of_kind
 
     def int8_scheme(source):
-        return INT8_SCHEMES.get(source.quantization())
+        return scheme_of_kind(source.quantization()).name
 
     assert int8_scheme(ckpt) == "channel" and int8_scheme(SafetensorsCheckpoint(converted["fp8-block"])) == "block"
     config["quantization_config"] = {"quant_method": "blockwise_int8", "weight_block_size": [128, 128]}

@@ -72,17 +72,16 @@ def test_refuses_to_overwrite_and_leaves_no_temporary(tmp_path, capsys):
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     import hybrid_r1.synth as synth
 
-    calls = []
+    calls, real = [], synth._write_shard
 
-    def failing_save(tensors, path, metadata=None):
+    def failing_shard(path, specs, weights, fmt):  # the third shard fails (after its file was opened)
         calls.append(path)
         if len(calls) == 3:
+            path.write_bytes(b"partial")
             raise OSError("disk full")
-        return save_file(tensors, path, metadata=metadata)
+        return real(path, specs, weights, fmt)
 
-    from safetensors.torch import save_file
-
-    monkeypatch.setattr(synth, "save_file", failing_save)
+    monkeypatch.setattr(synth, "_write_shard", failing_shard)
     cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=1)
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint(tmp_path / "x", SyntheticWeights(cfg), tokenizer=False, shard_mb=0)

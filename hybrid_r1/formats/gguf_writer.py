@@ -1,4 +1,5 @@
-"""Write deepseek2 GGUF files the way llama.cpp's converter + quantizer would, from an HF-layout checkpoint.
+"""For tests and synthetic files: write deepseek2 GGUF files the way llama.cpp's converter +
+quantizer would, from an HF-layout checkpoint. Not a converter for real models (use llama.cpp's).
 
     write_gguf_from_checkpoint(checkpoint_dir_or_source, "out/model.gguf", layout="new", split=3,
                                type_mix="Q4_K_M")

@@ -18,6 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..quant import BLOCK, QUANT_METHODS, SCALE_SUFFIXES, dequant_block, dequant_int8
 from .ggml_tensor import GGMLTensor
 
 DTYPES = {
@@ -34,8 +35,6 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FP8_BLOCK = 128
-SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 _UNKNOWN = object()  # quantization() not computed yet
 
 
@@ -194,10 +193,6 @@ class SafetensorsCheckpoint:
             raise CheckpointError("tensor not found in the checkpoint", file=self.path, tensor=name) from None
 
 
-# quantization_config.quant_method -> what the tensors hold
-QUANT_METHODS = {"fp8": "fp8", "blockwise_int8": "int8_block", "w8a8_int8": "int8_channel"}
-
-
 def detect_quantization(ckpt: SafetensorsCheckpoint) -> str | None:
     """How the linear weights are stored: "fp8" (DeepSeek release), "int8_block", "int8_channel"
     (Meituan releases) or None (unquantized).
@@ -238,34 +233,11 @@ def detect_quantization(ckpt: SafetensorsCheckpoint) -> str | None:
         raise CheckpointError(f"quantization_config.quant_method {method!r} is not supported "
                               f"(known: {', '.join(QUANT_METHODS)})", file=config_file)
     from_config = QUANT_METHODS[method]
-    block = list(qc.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK]))
-    if from_config in ("fp8", "int8_block") and block != [FP8_BLOCK, FP8_BLOCK]:
+    block = list(qc.get("weight_block_size", [BLOCK, BLOCK]))
+    if from_config in ("fp8", "int8_block") and block != [BLOCK, BLOCK]:
         raise CheckpointError(f"weight_block_size {qc['weight_block_size']} is not supported (only [128, 128])",
                               file=config_file)
     if from_tensors != from_config:
         seen = f"{from_tensors} weights (e.g. {kinds[from_tensors]})" if from_tensors else "no quantized weight"
         raise CheckpointError(f"quantization_config says {method!r} but the tensors hold {seen}", file=config_file)
     return from_config
-
-
-def dequant_block(q: torch.Tensor, scale: torch.Tensor, *, name: str = "", file: str | None = None,
-                  block: int = FP8_BLOCK) -> torch.Tensor:
-    """Block-scaled weight -> fp32: each [block x block] tile times its scale; tails are cropped
-    (the release padded tail tiles with zeros before computing their scale)."""
-    n, k = q.shape
-    want = (-(-n // block), -(-k // block))
-    if tuple(scale.shape) != want:
-        raise CheckpointError(f"block scale has shape {list(scale.shape)}, expected {list(want)} for weight {[n, k]}",
-                              file=file, tensor=name)
-    s = scale.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
-    return q.float() * s
-
-
-def dequant_int8(q: torch.Tensor, extra: dict[str, torch.Tensor], *, name: str = "", file: str | None = None) -> torch.Tensor:
-    """INT8 weight -> fp32: block scales (`weight_scale_inv`) or per-row scales (`weight_scale` [N, 1])."""
-    if "weight_scale_inv" in extra:
-        return dequant_block(q, extra["weight_scale_inv"], name=name, file=file)
-    s = extra["weight_scale"]
-    if tuple(s.shape) not in ((q.shape[0], 1), (q.shape[0],)):
-        raise CheckpointError(f"channel scale has shape {list(s.shape)}, expected [{q.shape[0]}, 1]", file=file, tensor=name)
-    return q.float() * s.float().view(-1, 1)

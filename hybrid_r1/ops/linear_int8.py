@@ -19,9 +19,10 @@ from ..errors import CheckpointError
 from ..formats.source import WeightSource, check_tensor
 from .base import LinearOperator, OpArgs, Shard
 
-SCHEMES = {"block": "weight_scale_inv", "channel": "weight_scale"}
+from ..quant import BLOCK
+from ..quant import SCALE_SUFFIX as SCHEMES  # scheme -> scale tensor suffix
+
 ROUNDINGS = ("nearest_even", "trunc")
-BLOCK = 128  # weight tile and activation group of the block scheme
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Int8Linear(LinearOperator):
                                       f"the checkpoint is quantized with another scheme", file=source.path, tensor=name)
             q, s = stored, scale.float()
         else:
-            from hybrid_r1_merge_tools.quantize import quantize_weight
+            from ..quant import quantize_weight
 
             q, s = quantize_weight(source.tensor(name, torch.bfloat16), self.scheme)
         if shard is not None:  # quantized whole first: a rank's slice is bit-identical to one GPU's
@@ -127,7 +128,7 @@ class Int8Linear(LinearOperator):
         from hybrid_r1_kernels.reference import act_quant_ref
 
         if self._cpu_dense is None:
-            from ..formats.safetensors import dequant_int8
+            from ..quant import dequant_int8
 
             self._cpu_dense = dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale})
         group = BLOCK if self.scheme == "block" else None
@@ -142,7 +143,7 @@ class Int8Linear(LinearOperator):
 
     def dense_weight(self) -> torch.Tensor:
         """Dequantized [N, K] weight in the run dtype (the absorbed attention reads kv_b_proj so)."""
-        from ..formats.safetensors import dequant_int8
+        from ..quant import dequant_int8
 
         return dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale}).to(self.dtype)
 
