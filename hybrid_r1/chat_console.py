@@ -93,8 +93,9 @@ class Console:
 
 def stats_line(s: Stats) -> str:
     cached = s.prompt_tokens - s.prefilled_tokens
+    first = "none" if s.time_to_first_token_s is None else f"{s.time_to_first_token_s:.2f} s"
     return (f"{s.prompt_tokens} prompt tokens ({cached} cached) | prefill {s.prefill_tok_s:.1f} tok/s | "
-            f"decode {s.decode_tok_s:.1f} tok/s | first token {s.time_to_first_token_s:.2f} s | "
+            f"decode {s.decode_tok_s:.1f} tok/s | first token {first} | "
             f"{s.new_tokens} new tokens, {_STOP_WORDS.get(s.stop_reason, s.stop_reason)}")
 
 

@@ -8,7 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from .chat_console import Console, stats_line
-from .conversation import ChatError, ChatSession, Settings
+from .conversation import ChatError, ChatSession, Settings, check_text
+from .errors import HybridR1Error
 
 KEYS = [("Enter", "send"), ("Esc Enter, Alt-Enter", "new line (pasted text keeps its lines)"),
         ("Up / Down, Ctrl-R", "history, history search"), ("Tab", "complete a /command"),
@@ -78,6 +79,7 @@ class Repl:
                 return 0
             self.pending = ""
             try:
+                check_text(line, "the line")
                 if line.startswith("/") and not line.startswith("//"):
                     if self.command(line):
                         return 0
@@ -85,12 +87,14 @@ class Repl:
                     self.send(line[1:] if line.startswith("//") else line)
             except KeyboardInterrupt:  # Ctrl-C outside generation (printing, saving): back to the prompt
                 self.console.notice("interrupted")
+            except HybridR1Error as e:  # a bad line or setting must not end the conversation
+                self.console.error(str(e))
 
     def send(self, text: str) -> None:
         self.console.show_thinking = self.session.settings.think
         try:
             reply = self.session.reply(text, self.console)
-        except ChatError as e:
+        except HybridR1Error as e:  # ChatError, or the runtime refusing an argument (InputError)
             self.console.error(str(e))
             return
         self.console.end_reply(reply)
@@ -107,7 +111,7 @@ class Repl:
             return False
         try:
             return bool(getattr(self, COMMANDS[name][2])(arg.strip()))
-        except ChatError as e:
+        except HybridR1Error as e:
             self.console.error(str(e))
             return False
 
