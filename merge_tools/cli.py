@@ -2,7 +2,7 @@
 
     merge_tools quantize --input DIR --output DIR --scheme block|channel [--force]
     merge_tools inspect PATH
-    merge_tools synth OUT [--preset tiny] [--format fp8] ...   (python -m hybrid_r1.synth)
+    merge_tools synth OUT [--preset tiny] [--format fp8|gguf] ...   (hybrid-r1 synth)
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from hybrid_r1.cli_support import quiet_broken_pipe
 from hybrid_r1.errors import CheckpointError, HybridR1Error
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synth"]:  # synth owns its options; argparse would reject them here
         from hybrid_r1.synth import main as synth_main
 
-        return synth_main(argv[1:])
+        return synth_main(argv[1:], prog="merge_tools synth")
     ap = argparse.ArgumentParser(prog="merge_tools", description="Convert and inspect DeepSeek-V3/R1 checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     q = sub.add_parser("quantize", help="FP8 release or BF16 folder -> Meituan-compatible INT8 folder")
@@ -49,12 +51,17 @@ def _quantize(args) -> int:
     def progress(r) -> None:
         mb = r.bytes_out / 2**20
         print(f"[{r.number}/{r.total}] {r.file}: {r.quantized} quantized, {r.copied} copied, "
-              f"{mb:.0f} MB in {r.seconds:.1f} s ({mb / max(r.seconds, 1e-9):.0f} MB/s)", file=sys.stderr, flush=True)
+              f"{_mb(mb)} MB in {r.seconds:.1f} s ({_mb(mb / max(r.seconds, 1e-9))} MB/s)", file=sys.stderr, flush=True)
 
     rep = quantize_checkpoint(args.input, args.output, args.scheme, force=args.force, progress=progress)
     print(f"wrote {rep.output}: {rep.source} -> int8 {rep.scheme}, {rep.quantized} tensors quantized, "
           f"{rep.copied} copied, {rep.shards} shards, {rep.bytes_out / 2**30:.2f} GiB in {rep.seconds:.0f} s")
     return 0
+
+
+def _mb(x: float) -> str:
+    """Three significant digits below 100 (a small shard is not "0 MB/s"), whole numbers above."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _open(path: Path):

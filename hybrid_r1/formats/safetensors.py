@@ -65,21 +65,21 @@ def _entry(e, data_size: int, file: str, name: str) -> tuple[torch.dtype, tuple[
     return dtype, tuple(shape), begin, end
 
 
-def _check_alignment(entries: dict[str, tuple], data_start: int, file: str) -> None:
-    """Each tensor starts at a multiple of its element size in the file (the safetensors writer pads
-    the header to 8 bytes and orders tensors so; a view of a misaligned one cannot be made)."""
-    for name, (dtype, _, begin, end) in entries.items():
-        if end > begin and (data_start + begin) % dtype.itemsize:
-            raise CheckpointError(f"data starts at file byte {data_start + begin}, not a multiple of the "
-                                  f"{dtype.itemsize}-byte {dtype} elements", file=file, tensor=name)
-
-
-def _check_no_overlap(entries: dict[str, tuple], file: str) -> None:
-    """No two tensors may share bytes (a crafted header could alias one tensor's bytes as another's)."""
+def _check_layout(entries: dict[str, tuple], data_size: int, file: str) -> None:
+    """The tensors tile the data section: no two share bytes (a crafted header could alias one
+    tensor's bytes as another's) and no byte belongs to none (the safetensors format forbids holes,
+    so that a file cannot hide other contents). Alignment is not required by the format."""
     spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"data bytes {b1}..{e1} overlap tensor {n0} ({b0}..{e0})", file=file, tensor=n1)
+    at, prev = 0, None
+    for b, e, name in spans:
+        if b < at:
+            raise CheckpointError(f"data bytes {b}..{e} overlap tensor {prev} (..{at})", file=file, tensor=name)
+        if b > at:
+            raise CheckpointError(f"bytes {at}..{b} of the data section belong to no tensor (a hole before this one)",
+                                  file=file, tensor=name)
+        at, prev = e, name
+    if at != data_size:
+        raise CheckpointError(f"the data section has {data_size} bytes but its tensors end at byte {at}", file=file)
 
 
 class _Shard:
@@ -108,8 +108,7 @@ class _Shard:
         self.data_start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
             name: _entry(e, size - self.data_start, str(path), name) for name, e in header.items()}
-        _check_alignment(self.entries, self.data_start, str(path))
-        _check_no_overlap(self.entries, str(path))
+        _check_layout(self.entries, size - self.data_start, str(path))
 
     def view(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]

@@ -15,10 +15,11 @@ import logging
 import torch
 from torch import nn
 
-from .. import ggml_lib
+from .. import checks, ggml_lib
 from ..errors import CheckpointError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
+from ..threads import check_threads
 from .experts_gpu_prefill import GPUExpertPrefill, supported
 from .experts_reference import check_call, check_cpu, expert_tensors
 
@@ -38,17 +39,14 @@ class GGMLExperts(nn.Module):
                  chunk_tokens: int = 1024, poll: int = 0, prefill_device: str | None = None,
                  prefill_min_tokens: int = 256):
         super().__init__()
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-        if not 0 <= poll <= 100:
-            raise ValueError(f"poll must be in 0..100, got {poll}")
+        if threads is not None:
+            check_threads(threads)  # bounded by the usable CPUs: ggml crashes on absurd counts
+        checks.integer("chunk_tokens", chunk_tokens, 1)
+        checks.integer("poll", poll, 0, 100)
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
         self.threads = threads or ggml_lib.physical_cores()
-        if prefill_min_tokens < 1:
-            raise ValueError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
-        if prefill_device is not None and torch.device(prefill_device).type != "cuda":
+        checks.integer("prefill_min_tokens", prefill_min_tokens, 1)
+        if prefill_device is not None and (not isinstance(prefill_device, str) or torch.device(prefill_device).type != "cuda"):
             raise ValueError(f"prefill_device must be a CUDA device, got {prefill_device!r}")
         self.chunk_tokens, self.poll = chunk_tokens, poll
         self.prefill_device, self.prefill_min_tokens = prefill_device, prefill_min_tokens
