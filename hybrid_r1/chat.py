@@ -144,11 +144,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m hybrid_r1.chat") 
     text = args.prompt
     if text is None and not isatty(sys.stdin):
         text = _read_stdin(ap)
-    if text is not None:
-        try:
+    try:
+        if text is not None:
             check_text(text, "--prompt" if args.prompt is not None else "stdin")
-        except ChatError as e:
-            ap.error(str(e))
+        if args.system is not None:
+            check_text(args.system, "--system (the system prompt)")
+    except ChatError as e:
+        ap.error(str(e))
     if args.json and text is None:
         ap.error("--json needs --prompt TEXT or text on stdin")
     if text is not None and not text.strip():

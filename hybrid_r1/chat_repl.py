@@ -62,8 +62,13 @@ class Repl:
         def _newline(event):
             event.current_buffer.insert_text("\n")
 
+        class History(FileHistory):
+            def store_string(self, string: str) -> None:
+                # undecodable input bytes arrive as lone surrogates, which FileHistory cannot write
+                super().store_string(string.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
         self.prompt = PromptSession(
-            history=FileHistory(str(self.history_file)), key_bindings=keys, multiline=False,
+            history=History(str(self.history_file)), key_bindings=keys, multiline=False,
             completer=_command_completer(), complete_while_typing=True, auto_suggest=AutoSuggestFromHistory(),
             prompt_continuation="... ", placeholder="message, or /help", input=input, output=output)
         self.pending = ""  # text put back at the prompt (an answer interrupted before it began)
@@ -145,7 +150,8 @@ class Repl:
         turns = sum(m["role"] == "user" for m in s.messages)
         size = len(s.prompt_ids()) if s.messages or s.system else 0
         self.console.info(f"conversation: {turns} turn{'s' * (turns != 1)}, {size} tokens with the template; "
-                          f"context {s.context} tokens; cache {s.cache.length} tokens, {s.cache.nbytes() / 2**20:.1f} MiB")
+                          f"context {s.context} tokens; cache {s.cache.length} tokens "
+                          f"({s.cache.nbytes() / 2**20:.1f} MiB of buffers, kept for reuse)")
         self.console.info("last answer: " + (stats_line(s.last.stats) if s.last else "none yet"))
 
     def cmd_save(self, arg: str) -> None:

@@ -279,7 +279,9 @@ def test_prompt_prints_the_answer(runtime, demo_cache, monkeypatch, capsys):
     monkeypatch.setenv("HYBRID_R1_CACHE", str(demo_cache))
     assert chat.main(["--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
-    assert loaded == [(demo_cache / "demo", {"device": "cpu"})]
+    (path, kw), = loaded
+    assert (path, kw.pop("progress").bar) == (demo_cache / "demo", None)  # no bar: stderr is not a terminal
+    assert kw == {"device": "cpu"}
     assert "DEMO MODEL: random weights" in err and re.search(r"\d+ prompt tokens", err)
     assert out.startswith("<think>\n") and "prompt tokens" not in out  # stdout: only what the model said
 
@@ -324,3 +326,31 @@ def test_cli_chat_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         main(["chat", "--help"])
     assert e.value.code == 0 and "hybrid-r1 chat" in capsys.readouterr().out
+
+
+def test_repl_survives_bad_lines_and_settings(runtime, tmp_path):
+    """Every bad line or setting is an error line; the conversation goes on and answers after it."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    as_list, as_text = tmp_path / "list.json", tmp_path / "text.json"
+    for path, settings in ((as_list, [1, 2]), (as_text, "temperature=0")):
+        path.write_text(json.dumps({"format": conversation.SAVE_FORMAT, "settings": settings, "messages": []}))
+    lines = [b"/set temperature nan", b"/set seed " + str(2**70).encode(), b"/set top_k 2.5",
+             b"/set max_new_tokens 0", b"/load " + str(as_list).encode(), b"/load " + str(as_text).encode(),
+             b"caf\xe9 \xff",  # not UTF-8: prompt_toolkit hands these over as lone surrogates
+             b"/system \xff", b"Hello", b"/reset", b"/stats"]
+    session = ChatSession(runtime, greedy(3))
+    out = io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_bytes(b"\r".join(lines) + b"\r\x04")
+        rc = Repl(session, Console(out, color=False), tmp_path / "history", input=pipe, output=DummyOutput()).run()
+    text = out.getvalue()
+    assert rc == 0
+    for want in ("temperature must be a finite number", f"seed must be between 0 and {2**64 - 1}",
+                 "top_k: cannot use '2.5'", "max_new_tokens must be between 1",
+                 "settings must be an object of KEY: VALUE, got list", "got str", "the line is not valid UTF-8"):
+        assert want in text, (want, text)
+    assert len(stats_of(text)) == 1  # "Hello" was answered, with the settings untouched by the bad lines
+    assert session.settings == greedy(3) and session.system is None
+    assert "cache 0 tokens (" in text  # /reset left nothing cached (no system prompt to keep)
