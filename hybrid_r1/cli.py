@@ -87,8 +87,8 @@ def _plan(args) -> int:
     return 0
 
 
-@quiet_broken_pipe
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `hybrid-r1` parser and its subcommands' parsers by name."""
     ap = argparse.ArgumentParser(prog="hybrid-r1", description="DeepSeek-V3/R1 runtime",
                                  epilog="exit codes: 0 ok, 2 bad arguments or a model that cannot be loaded, "
                                         "130 interrupted")
@@ -120,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="default device (default: cuda if present, else cpu)")
     sub.add_parser("synth", help="write a synthetic checkpoint (hybrid-r1 synth --help)", add_help=False)
     sub.add_parser("chat", help="chat in the terminal, or answer --prompt (hybrid-r1 chat --help)", add_help=False)
+    return ap, {"generate": g, "plan": p}
+
+
+@quiet_broken_pipe
+def main(argv: list[str] | None = None) -> int:
+    ap, subs = build_parser()
+    g = subs["generate"]
     args, rest = ap.parse_known_args(argv)
     if args.command == "synth":
         from .synth import main as synth_main

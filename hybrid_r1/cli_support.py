@@ -62,8 +62,8 @@ def plural(n: int, word: str) -> str:
 
 class LoadProgress:
     """A tqdm bar of tensors loaded, on stderr, only when stderr is a terminal (off in pipes, logs
-    and tests). Its total is the model's tensor count; an operator that loads a whole group (the
-    experts of a layer) counts once, so the bar may jump and always ends at 100%."""
+    and tests). Its total is the model's tensor count as the loader counts (a module that loads
+    itself, such as a layer's experts, is one), so it ends at 100%; a GGUF file has no total."""
 
     def __init__(self, path, stream=None):
         self.stream = sys.stderr if stream is None else stream
@@ -102,7 +102,14 @@ def _tensor_count(path) -> int | None:
         module = build(ModelConfig.from_file(p))
     except HybridR1Error:
         return None  # load() reports the problem
-    return sum(len(m._parameters) + len(m._buffers.keys() - m._non_persistent_buffers_set) for m in module.modules())
+    def count(m, root: bool) -> int:  # as loading.load_weights counts: a module that loads itself is one
+        if not root and hasattr(m, "load_weights"):
+            return 1
+        own = sum(p is not None for p in m._parameters.values())
+        own += sum(b is not None for n, b in m._buffers.items() if n not in m._non_persistent_buffers_set)
+        return own + sum(count(c, False) for c in m.children())
+
+    return count(module, True)
 
 
 def _isatty(stream) -> bool:

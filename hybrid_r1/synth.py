@@ -292,7 +292,7 @@ def write_gguf(out: str | Path, weights: SyntheticWeights, *, type_mix: str = "Q
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "hybrid-r1 synth") -> int:
+def build_parser(prog: str = "hybrid-r1 synth") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] + " Also a GGUF file (--format gguf).")
     ap.add_argument("output", help="folder to write, or a .gguf file with --format gguf (must not exist unless --force)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
@@ -311,6 +311,11 @@ def main(argv: list[str] | None = None, prog: str = "hybrid-r1 synth") -> int:
                     help="leave out the DeepSeek-R1 tokenizer (files, or GGUF metadata) (default: included)")
     ap.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer's tensors (default: included)")
     ap.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "hybrid-r1 synth") -> int:
+    ap = build_parser(prog)
     args = ap.parse_args(argv)
     overrides = _parse_set(ap, args.set)
     if args.layers is not None:

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from hybrid_r1.cli_support import quiet_broken_pipe
+from hybrid_r1.cli_support import plural, quiet_broken_pipe
 from hybrid_r1.errors import CheckpointError, HybridR1Error
 
 
@@ -24,17 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from hybrid_r1.synth import main as synth_main
 
         return synth_main(argv[1:], prog="merge_tools synth")
-    ap = argparse.ArgumentParser(prog="merge_tools", description="Convert and inspect DeepSeek-V3/R1 checkpoints.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    q = sub.add_parser("quantize", help="FP8 release or BF16 folder -> Meituan-compatible INT8 folder")
-    q.add_argument("--input", required=True, type=Path, help="checkpoint folder (FP8 release or BF16)")
-    q.add_argument("--output", required=True, type=Path, help="folder to write (must not exist unless --force)")
-    q.add_argument("--scheme", required=True, choices=["block", "channel"],
-                   help="block: 128x128 tiles (Block-INT8); channel: one scale per output row (Channel-INT8)")
-    q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    i = sub.add_parser("inspect", help="config summary and tensor table of a checkpoint")
-    i.add_argument("path", type=Path, help="safetensors folder, or a .gguf file")
-    sub.add_parser("synth", help="write a synthetic checkpoint (merge_tools synth --help)")
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         if args.command == "quantize":
@@ -43,6 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     except (HybridR1Error, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="merge_tools", description="Convert and inspect DeepSeek-V3/R1 checkpoints.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    q = sub.add_parser("quantize", help="FP8 release or BF16 folder -> Meituan-compatible INT8 folder")
+    q.add_argument("--input", required=True, type=Path, help="checkpoint folder (FP8 release or BF16) (required)")
+    q.add_argument("--output", required=True, type=Path,
+                   help="folder to write (must not exist unless --force) (required)")
+    q.add_argument("--scheme", required=True, choices=["block", "channel"],
+                   help="block: 128x128 tiles (Block-INT8); channel: one scale per output row (Channel-INT8) (required)")
+    q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    i = sub.add_parser("inspect", help="config summary and tensor table of a checkpoint")
+    i.add_argument("path", type=Path, help="safetensors folder, or a .gguf file")
+    sub.add_parser("synth", help="write a synthetic checkpoint (merge_tools synth --help, as hybrid-r1 synth)")
+    return ap
 
 
 def _quantize(args) -> int:
@@ -78,7 +84,7 @@ def _inspect(path: Path) -> int:
     src = _open(path)
     cfg = src.config
     quant = (src.quantization() or "unquantized") if hasattr(src, "quantization") else "ggml types below"
-    print(f"{path}: {cfg.extra.get('model_type', 'deepseek')}, {cfg.num_hidden_layers} layers "
+    print(f"{path}: {cfg.extra.get('model_type', 'deepseek')}, {plural(cfg.num_hidden_layers, 'layer')} "
           f"(+{cfg.num_nextn_predict_layers} MTP, {cfg.first_k_dense_replace} dense), hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts} routed experts (top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}, "
           f"weights: {quant}")

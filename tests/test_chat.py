@@ -354,3 +354,50 @@ def test_repl_survives_bad_lines_and_settings(runtime, tmp_path):
     assert len(stats_of(text)) == 1  # "Hello" was answered, with the settings untouched by the bad lines
     assert session.settings == greedy(3) and session.system is None
     assert "cache 0 tokens (" in text  # /reset left nothing cached (no system prompt to keep)
+
+
+def test_generate_json_has_the_chat_shape(runtime, monkeypatch, capsys):
+    import hybrid_r1
+    from hybrid_r1.cli import main
+
+    monkeypatch.setattr(hybrid_r1, "load", lambda path, **kw: runtime)
+    assert main(["generate", "--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert chat.main(["--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    talk = json.loads(capsys.readouterr().out)
+    assert set(gen) == set(talk) == {"text", "reasoning", "tokens", "stats"} and set(gen["stats"]) == set(talk["stats"])
+    # the same prompt through the same template and seed: the same tokens, split the same way
+    assert (gen["tokens"], gen["text"], gen["reasoning"]) == (talk["tokens"], talk["text"], talk["reasoning"])
+
+
+def test_progress_bar_only_on_a_terminal(tiny_dir):
+    from hybrid_r1.cli_support import LoadProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    bar = LoadProgress(tiny_dir, term)
+    total = bar.bar.total
+    import hybrid_r1
+
+    hybrid_r1.load(tiny_dir, device="cpu", progress=bar)
+    assert bar.bar.n == total > 0  # every tensor of the folder counted once: the bar ends at its total
+    bar.close()
+    assert "loading" in term.getvalue() and "tensors" in term.getvalue()
+    assert LoadProgress(tiny_dir, io.StringIO()).bar is None
+
+
+def test_synth_gguf_carries_the_tokenizer(tmp_path):
+    """hybrid-r1 synth OUT.gguf --format gguf: a file the chat can talk to (tokenizer in the metadata)."""
+    import hybrid_r1
+    from hybrid_r1.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["synth", str(out), "--format", "gguf", "--layers", "2", "--no-mtp"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the staging folder is gone
+    model = hybrid_r1.load(out, device="cpu")
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    assert model.tokenizer.decode(ids[-3:]) and len(model.generate(ids, max_new_tokens=2, stop=[])) == 2
+    assert main(["synth", str(out), "--format", "gguf"]) == 2  # exists, no --force
