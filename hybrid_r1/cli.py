@@ -11,107 +11,192 @@ import argparse
 import json
 import sys
 
+from .cli_support import check_threads_arg, quiet_broken_pipe, sampling_from_args
 from .errors import HybridR1Error
 
 
-def _generate(args) -> int:
+def _generate(args, sampling) -> int:
     import torch
 
-    from . import load
+    from .chat_console import stats_line
+    from .cli_support import load_model
+    from .conversation import Reply, TextStream
 
-    model = load(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    def info(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    pair = {"gguf": args.gguf} if args.gguf else {}
+    model = load_model(args.model or args.safetensor, info=info, threads=args.threads, device=args.device,
+                       rules=args.rules, quantize=args.quantize,
+                       dtype=getattr(torch, args.dtype) if args.dtype else None, **pair)
     tok = model.tokenizer
     if tok is None:
-        print(f"error: {args.model} has no tokenizer.json", file=sys.stderr)
+        print(f"error: {args.model or args.safetensor} has no tokenizer (no tokenizer.json beside it, none in its metadata)",
+              file=sys.stderr)
         return 2
-    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if not args.raw else tok.encode(args.prompt, add_bos=True)
-    from .tokenizer import StreamDecoder
-
-    stream = StreamDecoder(tok)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         top_k=args.top_k, seed=args.seed,
-                         on_token=None if args.json else (lambda t: print(stream.feed(t), end="", flush=True)))
-    s = out.stats
-    if args.json:
-        print(json.dumps({"text": tok.decode(list(out)), "tokens": list(out), "prompt_tokens": s.prompt_tokens,
-                          "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s,
-                          "stop_reason": s.stop_reason}))
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        print(f"error: --prompt is not valid UTF-8 text ({e.reason} at character {e.start})", file=sys.stderr)
+        return 2
+    if args.raw:
+        ids = tok.encode(args.prompt, add_bos=True)
     else:
-        print(stream.flush())
-        print(f"[{s.prompt_tokens} prompt tokens, prefill {s.prefill_tok_s:.1f} tok/s, "
-              f"decode {s.decode_tok_s:.1f} tok/s, {s.stop_reason}]", file=sys.stderr)
-    return 0
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+
+    class Printer:  # the answer on stdout as it comes; reasoning too (it is the model's text)
+        def notice(self, text: str) -> None:
+            info(f"[{text}]")
+
+        def reasoning(self, text: str) -> None:
+            print(text, end="", flush=True)
+
+        answer = reasoning
+
+    stream = TextStream(tok, tok.think_start_id in ids[-2:], None if args.json else Printer())
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=sampling.temperature,
+                         top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed, on_token=stream.feed)
+    stream.close()
+    reply = Reply("".join(stream.answer), "".join(stream.reasoning), list(out), out.stats)
+    if args.json:
+        print(json.dumps(reply.to_json(), ensure_ascii=False))
+    else:
+        print()
+        info(stats_line(out.stats))
+    return 130 if out.stats.stop_reason == "interrupted" else 0
 
 
 def _plan(args) -> int:
-    """Print what runs where under a rule file (or the rules a load would choose), without loading
-    any weight: a --model checkpoint's headers are read, nothing else."""
+    """Print what runs where under a rule file (or the rules a load would choose) and the memory each
+    device needs, without loading any weight: a --model checkpoint's headers are read, nothing else."""
     from . import placement
     from .loading import build, default_device_dtype, open_checkpoint
+    from .plan import available, fits, memory_plan, placement_table
 
-    device, dtype = default_device_dtype(args.device, None)
-    source = open_checkpoint(args.model) if args.model else None
-    if source is not None:
-        cfg, shown = source.config, args.model
+    rules = placement.load_rules(args.rules) if args.rules else None
+    # A plan may describe the GPU machine a rule file is for: its run dtype is then bfloat16.
+    gpu_rules = any(r.device and r.device.startswith("cuda") for r in rules or [])
+    device, dtype = default_device_dtype(args.device or ("cuda" if gpu_rules else None), None, check=False)
+    if args.model and args.model.endswith(".json"):
+        from .config import ModelConfig
+
+        source, cfg, shown = None, ModelConfig.from_file(args.model), args.model
+    elif args.model:
+        source = open_checkpoint(args.model, args.gguf)
+        cfg, shown = source.config, source.path
     else:
         from .synth import preset_config
 
-        cfg, shown = preset_config("full-slice", num_hidden_layers=61, first_k_dense_replace=3), "the 671B config"
-    if args.rules:
-        rules, why = placement.load_rules(args.rules), args.rules
+        source = None
+        cfg = preset_config("full-slice", num_hidden_layers=61, first_k_dense_replace=3)
+        shown = "the 671B config (DeepSeek-V3/R1; GGML experts assumed Q4_K_M)"
+    if rules is not None:
+        why = args.rules
     elif source is not None:
-        rules, why = placement.default_rules(source, device), "the default rules for this checkpoint"
+        rules, why = placement.default_rules(source, device), "the rules a load without --rules uses"
     else:
         rules, why = [], "no rules: every module as it is"
-    placed = placement.apply(build(cfg), rules, device, dtype)
-    print(f"{shown} under {why} (default device {device})")
-    groups: dict[tuple, list[str]] = {}
-    for p in placed:
-        key = (p.op or "(kept)", str(p.device), p.rule.where if p.rule else "")
-        groups.setdefault(key, []).append(p.path)
-    print(f"{'op':<22} {'device':<8} {'modules':>7}  example / rule")
-    for (op, dev, where), paths in groups.items():
-        print(f"{op:<22} {dev:<8} {len(paths):>7}  {paths[0]}  [{where}]")
+    module = build(cfg)
+    placed = placement.apply(module, rules, device, dtype)
+    if source is not None:
+        placement.check_sources(placed, source)
+    print(f"{shown}\nunder {why}; default device {device}, {str(dtype).removeprefix('torch.')}")
+    rows = placement_table(module, placed, dtype)
+    w = max(len(r.what) for r in rows)
+    print(f"\n{'computed by':<{w}}  {'device':<7} {'modules':>7}  {'layers':<10} rule")
+    for r in rows:
+        print(f"{r.what:<{w}}  {r.device:<7} {r.count:>7}  {r.layers or '-':<10} {r.rule or '(default device)'}")
+    mem = memory_plan(module, source, dtype, args.context)
+    gib = 2**30
+    print(f"\nmemory: weights as they will be stored, plus the MLA cache for {args.context} tokens")
+    for dev in mem.devices:
+        free = available(dev)
+        verdict = {None: "free memory unknown here", True: "fits", False: "does NOT fit"}[fits(mem, dev, free)]
+        have = f"; {free / gib:.1f} GiB free" if free is not None else ""
+        print(f"  {dev:<7} {mem.total(dev) / gib:8.2f} GiB = weights {mem.weights.get(dev, 0) / gib:.2f} + cache "
+              f"{mem.cache.get(dev, 0) / gib:.2f}{have}: {verdict}")
+        for (d, what), n in sorted(mem.by_kind.items(), key=lambda kv: -kv[1]):
+            if d == dev:
+                print(f"            {n / gib:8.2f} GiB  {what}")
+    print("(activations, CUDA-graph pools and allocator slack come on top: 'fits' keeps 10% free)")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hybrid-r1", description="DeepSeek-V3/R1 runtime")
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `hybrid-r1` parser and its subcommands' parsers by name."""
+    ap = argparse.ArgumentParser(prog="hybrid-r1", description="DeepSeek-V3/R1 runtime",
+                                 epilog="exit codes: 0 ok, 2 bad arguments or a model that cannot be loaded, "
+                                        "130 interrupted")
     sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="answer one prompt and exit")
-    g.add_argument("--model", required=True, help="checkpoint folder")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.6)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--json", action="store_true", help="print one JSON object with the text and stats")
+    g = sub.add_parser("generate", help="answer one prompt and exit",
+                       description="Answer one prompt and exit: the answer on stdout as it comes, one line of "
+                                   "statistics on stderr (or one JSON object with --json).")
+    g.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder, merged folder or .gguf file (required, or --safetensor with --gguf)")
+    g.add_argument("--safetensor", metavar="DIR",
+                   help="with --gguf: safetensors folder whose routed experts the GGUF's replace (default: none)")
+    g.add_argument("--gguf", metavar="PATH",
+                   help="with --safetensor: GGUF file, first file of a split set, or a folder of one set (default: none)")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the user message (required)")
+    g.add_argument("--raw", action="store_true", help="no chat template: continue the text as is (default: off)")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="at most N new tokens (default 256)")
+    g.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0 = greedy (default 0.6)")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling, in (0, 1] (default 0.95)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = no limit (default 0)")
+    g.add_argument("--seed", type=int, metavar="S", help="sampling seed, 0..2**64-1 (default: random)")
+    g.add_argument("--rules", metavar="FILE", help="placement rule file (YAML) (default: none, one device)")
+    g.add_argument("--quantize", choices=["block", "channel"],
+                   help="quantize a BF16/FP8 checkpoint's linears to INT8 while loading (default: as stored)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch and ggml (default: chosen from the usable cores, printed at start)")
+    g.add_argument("--json", action="store_true", help='print one JSON object {"text", "reasoning", "tokens", '
+                                                       '"stats"}, as the chat\'s --json (default: off)')
     p = sub.add_parser("plan", help="show what runs where under a rule file (no weights loaded)")
-    p.add_argument("--rules", help="rule file (default: the rules a load of --model would use)")
-    p.add_argument("--model", help="checkpoint folder or config.json (default: the 671B config)")
-    p.add_argument("--device", help="default device (default: cuda if present)")
-    sub.add_parser("synth", help="write a synthetic checkpoint (see python -m hybrid_r1.synth --help)", add_help=False)
-    sub.add_parser("chat", help="chat in the terminal, or answer --prompt (see hybrid-r1 chat --help)", add_help=False)
+    p.add_argument("--rules", metavar="FILE",
+                   help="placement rule file (YAML) (default: the rules a load of --model would choose)")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder, .gguf file or config.json (default: the 671B config)")
+    p.add_argument("--gguf", metavar="PATH", help="with --model DIR: the GGUF whose routed experts replace the folder's (default: none)")
+    p.add_argument("--context", type=int, default=32768, metavar="N",
+                   help="tokens of MLA cache to plan for (default 32768)")
+    p.add_argument("--device", help="default device (default: cuda if present, else cpu)")
+    sub.add_parser("synth", help="write a synthetic checkpoint (hybrid-r1 synth --help)", add_help=False)
+    sub.add_parser("chat", help="chat in the terminal, or answer --prompt (hybrid-r1 chat --help)", add_help=False)
+    return ap, {"generate": g, "plan": p}
+
+
+@quiet_broken_pipe
+def main(argv: list[str] | None = None) -> int:
+    ap, subs = build_parser()
+    g = subs["generate"]
     args, rest = ap.parse_known_args(argv)
     if args.command == "synth":
         from .synth import main as synth_main
 
-        return synth_main(rest)
+        return synth_main(rest, prog="hybrid-r1 synth")
     if args.command == "chat":
         from .chat import main as chat_main
 
         return chat_main(rest, prog="hybrid-r1 chat")
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "generate":
+        if bool(args.model) == bool(args.safetensor or args.gguf) or bool(args.safetensor) != bool(args.gguf):
+            g.error("give --model PATH, or --safetensor DIR with --gguf PATH")
+        sampling = sampling_from_args(g, args)
+        check_threads_arg(g, args.threads)
+        if args.rules and args.quantize:
+            g.error("--rules and --quantize do not go together: with rules, the rules choose the operators")
     try:
-        return _plan(args) if args.command == "plan" else _generate(args)
-    except HybridR1Error as e:
+        return _plan(args) if args.command == "plan" else _generate(args, sampling)
+    except (HybridR1Error, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,28 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from .errors import ConfigError
+
+
+# Type and range of every key (generous for real models, small enough that a typo such as 10**5
+# layers or 2**20 experts is refused before the model is built): key -> (type, min, max).
+LIMITS: dict[str, tuple[type, float | None, float | None]] = {
+    "vocab_size": (int, 1, 2**21), "hidden_size": (int, 1, 2**16), "intermediate_size": (int, 0, 2**20),
+    "moe_intermediate_size": (int, 0, 2**18), "num_hidden_layers": (int, 1, 1024),
+    "num_attention_heads": (int, 1, 1024), "kv_lora_rank": (int, 1, 2**16), "qk_nope_head_dim": (int, 1, 4096),
+    "qk_rope_head_dim": (int, 1, 4096), "v_head_dim": (int, 1, 4096), "n_routed_experts": (int, 0, 4096),
+    "num_experts_per_tok": (int, 0, 4096), "q_lora_rank": (int, 0, 2**16), "num_key_value_heads": (int, 1, 1024),
+    "n_shared_experts": (int, 0, 64), "n_group": (int, 1, 4096), "topk_group": (int, 1, 4096),
+    "routed_scaling_factor": (float, 0, 1e6), "scoring_func": (str, None, None), "topk_method": (str, None, None),
+    "norm_topk_prob": (bool, None, None), "first_k_dense_replace": (int, 0, 1024), "moe_layer_freq": (int, 1, 1024),
+    "hidden_act": (str, None, None), "rms_norm_eps": (float, 0, 1), "rope_theta": (float, 0, 1e12),
+    "max_position_embeddings": (int, 1, 2**24), "num_nextn_predict_layers": (int, 0, 16),
+    "bos_token_id": (int, 0, None), "tie_word_embeddings": (bool, None, None), "attention_bias": (bool, None, None),
+}
+OPTIONAL = {"q_lora_rank", "num_key_value_heads", "bos_token_id"}  # null allowed
+OPEN_BELOW = {"routed_scaling_factor", "rms_norm_eps", "rope_theta"}  # must be > min
+MAX_EXPERT_MODULES = 2**17  # routed experts over all layers (671B: 58 x 256); each is a module to build
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,8 @@ class ModelConfig:
     # ---- construction --------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str | None = None) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object of KEY: VALUE, got {type(d).__name__}", source)
         known = {f.name for f in fields(cls)} - {"extra", "source", "rope_scaling"}
         required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if d.get(k) is None]
@@ -108,6 +131,8 @@ class ModelConfig:
         kwargs = {k: d[k] for k in known if k in d}
         rope = d.get("rope_scaling") or d.get("rope_parameters")
         if rope:
+            if not isinstance(rope, dict):
+                raise ConfigError(f"rope_scaling must be an object or null, got {rope!r}", source)
             rope = dict(rope)
             rope_type = rope.pop("type", None) or rope.pop("rope_type", "default")
             rope.pop("rope_theta", None)
@@ -120,6 +145,11 @@ class ModelConfig:
                 unknown = set(rope) - allowed
                 if unknown:
                     raise ConfigError(f"unknown rope_scaling key(s): {', '.join(sorted(unknown))}", source)
+                for key, value in rope.items():
+                    if key == "type":
+                        continue
+                    kind = checks.integer if key == "original_max_position_embeddings" else checks.number
+                    kind(f"rope_scaling.{key}", value, error=lambda m: ConfigError(m, source))
                 rope = RopeScaling(**rope)
         kwargs["rope_scaling"] = rope or None
         extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_scaling", "rope_parameters")}
@@ -135,8 +165,8 @@ class ModelConfig:
         if not path.is_file():
             raise ConfigError("config.json not found", str(path))
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"not valid JSON: {e}", str(path)) from None
         return cls.from_hf_dict(d, source=str(path))
 
@@ -157,12 +187,13 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(msg, self.source)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        self._check_types()
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             bad(f"q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        if moe_layers * self.n_routed_experts > MAX_EXPERT_MODULES:
+            bad(f"{moe_layers} MoE layers (num_hidden_layers) x n_routed_experts {self.n_routed_experts} = "
+                f"{moe_layers * self.n_routed_experts} experts, more than {MAX_EXPERT_MODULES} (the 671B model has 14848)")
         if self.qk_rope_head_dim % 2:
             bad(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.num_key_value_heads not in (None, self.num_attention_heads):
@@ -192,8 +223,31 @@ class ModelConfig:
         if self.first_k_dense_replace and self.intermediate_size <= 0:
             bad("intermediate_size must be positive when there are dense layers")
         rs = self.rope_scaling
-        if rs is not None and (rs.factor <= 0 or rs.beta_fast <= rs.beta_slow):
-            bad("rope_scaling needs factor > 0 and beta_fast > beta_slow")
+        if rs is not None and (rs.factor <= 0 or rs.beta_fast <= rs.beta_slow or rs.original_max_position_embeddings < 1):
+            bad("rope_scaling needs factor > 0, beta_fast > beta_slow and original_max_position_embeddings >= 1")
+
+    def _check_types(self) -> None:
+        """Every key's type and range (LIMITS); a value in a string ("256", "false") is refused."""
+        def err(msg: str) -> ConfigError:
+            return ConfigError(msg, self.source)
+
+        for name, (kind, lo, hi) in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL:
+                continue
+            if kind is int:
+                checks.integer(name, value, lo, hi, error=err)
+            elif kind is float:
+                checks.number(name, value, lo, hi, lo_open=name in OPEN_BELOW, error=err)
+            elif kind is bool:
+                checks.boolean(name, value, error=err)
+            elif not isinstance(value, str):
+                raise err(f"{name} must be a string, got {value!r}")
+        eos = self.eos_token_id
+        for e in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            checks.integer("eos_token_id", e, 0, error=err)
+        if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
+            raise err(f"quantization_config must be an object or null, got {self.quantization_config!r}")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 from .cache import ContextOverflowError
+from . import checks
 from .errors import HybridR1Error
-from .generate import Sampling, Stats
+from .generate import Sampling, Stats, check_max_new_tokens
 
 SAVE_FORMAT = "hybrid_r1.chat/1"
 
@@ -44,8 +45,8 @@ class Settings:
             raise ChatError(f"unknown setting {key!r}; settings: {', '.join(kinds)}")
         try:
             new = _parse_setting(kinds[key], value)
-        except ValueError:
-            raise ChatError(f"{key}: cannot use {value!r} ({kinds[key]})") from None
+        except (ValueError, TypeError, OverflowError):
+            raise ChatError(f"{key}: cannot use {value!r} ({_KIND_WORDS[kinds[key]]})") from None
         trial = Settings(**{**asdict(self), key: new})
         trial.validate()
         setattr(self, key, new)
@@ -53,28 +54,44 @@ class Settings:
     def validate(self) -> None:
         try:
             Sampling(self.temperature, self.top_p, self.top_k, self.seed)
+            check_max_new_tokens(self.max_new_tokens, minimum=1)
+            checks.boolean("think", self.think)
         except ValueError as e:
             raise ChatError(str(e)) from None
-        if self.max_new_tokens < 1:
-            raise ChatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     def describe(self) -> str:
         return "  ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
+_KIND_WORDS = {"float": "a number", "int": "an integer", "int | None": "an integer or none", "bool": "on or off"}
+
+
 def _parse_setting(kind: str, value):
+    """A typed value from /set's text or /load's JSON value; ValueError if it is not one. JSON values
+    keep their type: "0.5" (a string) is parsed like /set text, a list or an object is refused."""
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        text = str(value).lower()
-        if text not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        if not isinstance(value, str) or value.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
             raise ValueError(value)
-        return text in ("on", "true", "1", "yes")
-    if kind == "int | None" and (value is None or str(value).lower() in ("none", "random", "")):
+        return value.lower() in ("on", "true", "1", "yes")
+    if kind == "int | None" and (value is None or isinstance(value, str) and value.lower() in ("none", "random", "")):
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(value)
-    return float(value) if kind == "float" else int(value)
+    if kind == "float":
+        return float(value)
+    if isinstance(value, float):
+        raise ValueError(value)  # 2.5 is not an integer
+    return int(value)
+
+
+def check_text(text: str, what: str) -> None:
+    """ChatError unless `text` is valid Unicode (lone surrogates come from undecodable input bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ChatError(f"{what} is not valid UTF-8 text ({e.reason} at character {e.start}): not used") from None
 
 
 # ---- one answer ------------------------------------------------------------------------------
@@ -159,9 +176,12 @@ class ChatSession:
         self.settings = settings or Settings()
         self.settings.validate()
         self.system = system or None
-        self.context = context or runtime.config.max_position_embeddings
-        if self.context < 2:
-            raise ChatError(f"the context must hold at least 2 tokens, got {self.context}")
+        limit = runtime.config.max_position_embeddings
+        self.context = context or limit
+        if not 2 <= self.context <= limit:
+            raise ChatError(f"the context must hold 2 to {limit} tokens (max_position_embeddings), got {self.context}")
+        if system is not None:
+            check_text(system, "the system prompt")
         self.messages: list[dict] = []  # user and assistant turns; the system prompt is kept apart
         self.cache = runtime.new_cache(max_tokens=self.context)
         self.last: Reply | None = None
@@ -178,6 +198,7 @@ class ChatSession:
 
         Interrupted (KeyboardInterrupt in generation): the partial answer is kept, marked
         `interrupted`; if nothing was generated yet the user message is taken back out."""
+        check_text(text, "the message")
         self.messages.append({"role": "user", "content": text})
         try:
             ids, max_new, notices = self._fit()
@@ -242,9 +263,16 @@ class ChatSession:
         return ids, min(want, room), notices
 
     def reset(self) -> None:
-        """Forget the conversation; keep the system prompt, the settings and the (reusable) cache."""
+        """Forget the conversation; keep the system prompt and the settings. The cache keeps only
+        the prefix the next conversation shares (the system prompt), so /stats shows what is left."""
         self.messages.clear()
         self.last = None
+        fresh = (self.tokenizer.encode_chat([{"role": "system", "content": self.system}], add_generation_prompt=False)
+                 if self.system else [])
+        n = 0
+        while n < min(len(fresh), len(self.cache.tokens)) and fresh[n] == self.cache.tokens[n]:
+            n += 1
+        self.cache.truncate(n)
 
     # ---- /save and /load ----
     def to_json(self) -> dict:
@@ -263,14 +291,21 @@ class ChatSession:
             raise ChatError(f"cannot read {path}: {e}") from None
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise ChatError(f"{path}: not a saved conversation (expected an object with a messages list)")
+        saved = data.get("settings") or {}
+        if not isinstance(saved, dict):
+            raise ChatError(f"{path}: settings must be an object of KEY: VALUE, got {type(saved).__name__}")
         settings = Settings()
-        for key, value in (data.get("settings") or {}).items():
-            settings.set(key, value)
+        for key, value in saved.items():
+            try:
+                settings.set(key, value)
+            except ChatError as e:
+                raise ChatError(f"{path}: {e}") from None
         system, messages = [], []
         for i, m in enumerate(data["messages"]):
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str)):
                 raise ChatError(f"{path}: message {i} needs a role (system|user|assistant) and a text content")
+            check_text(m["content"], f"{path}: message {i}")
             (system if m["role"] == "system" else messages).append(m)
         self.settings = settings
         self.system = "\n\n".join(m["content"] for m in system) or None

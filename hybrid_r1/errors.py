@@ -23,3 +23,8 @@ class CheckpointError(HybridR1Error, ValueError):
         self.tensor = tensor
         where = ", ".join(p for p in (f"file {file}" if file else "", f"tensor {tensor}" if tensor else "") if p)
         super().__init__(f"{message} ({where})" if where else message)
+
+
+class InputError(HybridR1Error, ValueError):
+    """An argument of the Python API, a command-line option or a chat setting that has the wrong type
+    or is out of range (token ids outside the vocabulary, a NaN temperature, a seed past 64 bits)."""

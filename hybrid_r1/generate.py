@@ -9,25 +9,38 @@ from typing import Callable
 
 import torch
 
+from . import checks
 from .cache import KVCache
 from .graphs import DecodeGraphs
 from .model import DeepseekV3
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits (negative ones wrap: refused here)
+MAX_NEW_TOKENS_MAX = 2**24  # past any context a model has: a typo, not a request
+
+
 @dataclass(frozen=True)
 class Sampling:
+    """Sampling options, checked once for every entry point (API, CLIs, chat settings): an
+    InputError names the option, its type or range; nothing is coerced (2.5 is not a top_k)."""
+
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        set_ = object.__setattr__  # frozen: store the checked values (a numpy int becomes an int)
+        set_(self, "temperature", checks.number("temperature", self.temperature, 0))
+        set_(self, "top_p", checks.number("top_p", self.top_p, 0, 1, lo_open=True))
+        set_(self, "top_k", checks.integer("top_k", self.top_k, 0))
+        if self.seed is not None:
+            set_(self, "seed", checks.integer("seed", self.seed, 0, SEED_MAX))
+
+
+def check_max_new_tokens(value, minimum: int = 0) -> int:
+    """max_new_tokens as an int in [minimum, 2**24]; the CLIs ask for at least 1 (0 would print nothing)."""
+    return checks.integer("max_new_tokens", value, minimum, MAX_NEW_TOKENS_MAX)
 
 
 @dataclass
@@ -49,7 +62,10 @@ class Stats:
         return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
 
     @property
-    def time_to_first_token_s(self) -> float:
+    def time_to_first_token_s(self) -> float | None:
+        """None when no token came (interrupted during the prefill)."""
+        if self.stop_reason == "interrupted" and not self.new_tokens:
+            return None
         return self.prefill_s
 
 
@@ -139,8 +155,8 @@ def generate(
     tokens so far, stop_reason is "interrupted", and the cache covers exactly the tokens fed.
     graphs: the CUDA-graph decoder bound to `cache` (graphs.py; the Runtime keeps one per cache),
     or None to decode eagerly."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, 1)
     stats = Stats(prompt_tokens=len(prompt))
     out = Generation(stats=stats)
     generator = None

@@ -18,6 +18,7 @@ moved back to where the input came from), unless it is an operator that declares
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from .errors import HybridR1Error
 from .ops import OPS, LinearOperator, OpArgs, OpArgsError, Operator, op_class
 from .quant import scheme_of, scheme_of_kind
 
+log = logging.getLogger(__name__)
 RULE_KEYS = {"name", "class", "op", "device", "args", "comment"}
 # The module classes of the model a `class:` may name (rules match the tree before any swap).
 MODULE_CLASSES = ("DeepseekV3", "Backbone", "Block", "MLA", "MLP", "MoE", "Gate", "Experts", "Linear",
@@ -196,7 +198,24 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
             visit(child, f"{path}.{cname}" if path else cname, device, module, cname)
 
     visit(model, "", default_device, None, "")
+    used = {id(p.rule) for p in placed if p.rule is not None}
+    for r in rules:
+        if id(r) not in used:
+            log.warning("%s matches no module of the model (an earlier rule takes them, or the pattern is off)", r.where)
     return placed
+
+
+def check_sources(placed: list[Placement], source) -> None:
+    """Each operator a rule chose must be able to take what the checkpoint holds for its module
+    (Operator.source_problem, from the headers): a RuleError naming the rule, before any weight is read."""
+    seen = set()
+    for p in placed:
+        if p.op is None or id(p.rule) in seen:
+            continue
+        why = op_class(p.op).source_problem(source, p.path)
+        if why:
+            raise RuleError(f"{p.rule.where}: {p.op} cannot run {p.path}: {why}")
+        seen.add(id(p.rule))  # one check per rule: the layers of a checkpoint are alike
 
 
 def _bridge(module: nn.Module, device: torch.device, parent_device: torch.device | None) -> None:

@@ -7,7 +7,8 @@ the real DeepSeek-R1 tokenizer files, safetensors shards with an index, in BF16 
 release format (128x128 block scales, zero-padded tails), plus the MTP layer the loader must skip.
 It streams one tensor at a time into a staging folder published at the end (hybrid_r1.staging).
 
-    python -m hybrid_r1.synth OUT --preset tiny [--format fp8] [--layers N] [--set key=value]
+    hybrid-r1 synth OUT --preset tiny [--format fp8] [--layers N] [--set key=value]
+    hybrid-r1 synth OUT.gguf --format gguf [--gguf-type Q4_K_M]    (the R1 tokenizer in its metadata)
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -225,7 +229,7 @@ def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
@@ -234,19 +238,61 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hybrid_r1.synth", description=__doc__.split("\n\n")[0])
-    ap.add_argument("output", help="folder to write (must not exist unless --force)")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8"], help="bf16, or the DeepSeek FP8 release format")
-    ap.add_argument("--layers", type=int, help="num_hidden_layers")
-    ap.add_argument("--dense-layers", type=int, help="first_k_dense_replace")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config.json key")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-mb", type=int, default=512)
-    ap.add_argument("--no-tokenizer", action="store_true", help="do not copy the DeepSeek-R1 tokenizer files")
-    ap.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer's tensors")
-    ap.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+GGUF_TYPE_MIXES = ("Q8_0", "Q4_K_M", "Q4_0", "BF16", "F16", "F32")
+
+
+def write_gguf(out: str | Path, weights: SyntheticWeights, *, type_mix: str = "Q8_0", tokenizer: bool = True,
+               force: bool = False) -> Path:
+    """`weights` as one deepseek2 GGUF file (formats/gguf_writer.py), with the R1 tokenizer in its
+    metadata unless tokenizer=False; written beside `out` under a temporary name, renamed at the end."""
+    from .formats.gguf_writer import write_gguf_from_checkpoint
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"a GGUF output must end in .gguf, got {out}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; --force replaces it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok_dir = None
+        if tokenizer:
+            from .tokenizer import write_r1_tokenizer_files
+
+            tok_dir = write_r1_tokenizer_files(tmp / "tokenizer")
+        (written,) = write_gguf_from_checkpoint(weights, tmp / out.name, type_mix=type_mix, tokenizer_dir=tok_dir)
+        os.chmod(written, 0o644)
+        os.replace(written, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_parser(prog: str = "hybrid-r1 synth") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] + " Also a GGUF file (--format gguf).")
+    ap.add_argument("output", help="folder to write, or a .gguf file with --format gguf (must not exist unless --force)")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                    help="tiny: seconds on 2 cores; full-slice: the 671B widths (default tiny)")
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8", "gguf"],
+                    help="bf16 safetensors, the DeepSeek FP8 release format, or one GGUF file (default bf16)")
+    ap.add_argument("--gguf-type", default="Q8_0", choices=GGUF_TYPE_MIXES,
+                    help="with --format gguf: the type mix, as llama-quantize names it (default Q8_0)")
+    ap.add_argument("--layers", type=int, metavar="N", help="num_hidden_layers (default: the preset's, 4)")
+    ap.add_argument("--dense-layers", type=int, metavar="N", help="first_k_dense_replace (default: the preset's, 1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config.json key; VALUE is JSON or else a string (repeatable; default none)")
+    ap.add_argument("--seed", type=int, default=0, help="weights' seed (default 0)")
+    ap.add_argument("--shard-mb", type=int, default=512, metavar="MB",
+                    help="safetensors shard size; 0: one tensor (and its scale) per shard (default 512)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="leave out the DeepSeek-R1 tokenizer (files, or GGUF metadata) (default: included)")
+    ap.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer's tensors (default: included)")
+    ap.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "hybrid-r1 synth") -> int:
+    ap = build_parser(prog)
     args = ap.parse_args(argv)
     try:
         overrides = _parse_set(args.set)
@@ -259,17 +305,28 @@ def main(argv: list[str] | None = None) -> int:
         overrides["first_k_dense_replace"] = args.dense_layers
     if args.no_mtp:
         overrides["num_nextn_predict_layers"] = 0
+    if args.shard_mb < 0:
+        ap.error(f"--shard-mb must be >= 0 (0: one tensor per shard), got {args.shard_mb}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = preset_config(args.preset, **overrides)
-        write_checkpoint(args.output, SyntheticWeights(cfg, args.seed), fmt=args.format, shard_mb=args.shard_mb,
-                         tokenizer=not args.no_tokenizer, force=args.force)
-    except (HybridR1Error, ValueError) as e:
+        weights = SyntheticWeights(cfg, args.seed)
+        if args.format == "gguf":
+            write_gguf(args.output, weights, type_mix=args.gguf_type, tokenizer=not args.no_tokenizer, force=args.force)
+        else:
+            write_checkpoint(args.output, weights, fmt=args.format, shard_mb=args.shard_mb,
+                             tokenizer=not args.no_tokenizer, force=args.force)
+    except (FileExistsError, ValueError, HybridR1Error) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli_support import quiet_broken_pipe
+
+    sys.exit(quiet_broken_pipe(main)(prog="python -m hybrid_r1.synth"))

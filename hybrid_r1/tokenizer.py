@@ -127,6 +127,16 @@ class Tokenizer:
 
     # ---- helpers ---------------------------------------------------------------------------
 
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into `folder`,
+        as `from_dir` reads them back (e.g. a GGUF's tokenizer for a merged folder)."""
+        folder = Path(folder)
+        (folder / TOKENIZER_FILE).write_text(self._tk.to_str())
+        config = dict(self.config)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
     def _required_id(self, key: str) -> int | None:
         text = self.special_tokens.get(key)
         if text is None:

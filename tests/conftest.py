@@ -13,6 +13,17 @@ if not torch.cuda.is_available():
 
 from hybrid_r1.synth import SyntheticWeights, preset_config, write_checkpoint
 
+CUDA = torch.cuda.is_available()
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+
+def needs_cuda(test):
+    """A GPU-only test: skipped without CUDA, selected by `pytest -m cuda`."""
+    for mark in NEEDS_CUDA:
+        test = mark(test)
+    return test
+
+
 # A small vocabulary keeps the transformers reference fast; the real-vocabulary preset (with the
 # real tokenizer) is used where tokens must mean something.
 SMALL_VOCAB = 1024

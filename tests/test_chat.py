@@ -279,7 +279,9 @@ def test_prompt_prints_the_answer(runtime, demo_cache, monkeypatch, capsys):
     monkeypatch.setenv("HYBRID_R1_CACHE", str(demo_cache))
     assert chat.main(["--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
-    assert loaded == [(demo_cache / "demo", {"device": "cpu"})]
+    (path, kw), = loaded
+    assert (path, kw.pop("progress").bar) == (demo_cache / "demo", None)  # no bar: stderr is not a terminal
+    assert kw == {"device": "cpu"}
     assert "DEMO MODEL: random weights" in err and re.search(r"\d+ prompt tokens", err)
     assert out.startswith("<think>\n") and "prompt tokens" not in out  # stdout: only what the model said
 
@@ -312,7 +314,7 @@ def test_model_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert chat.main(["--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
     assert "error:" in capsys.readouterr().err
     assert chat.main(["--safetensor", str(tmp_path), "--gguf", str(tmp_path / "x.gguf"), "--prompt", "hi"]) == 2
-    assert "merged loading" in capsys.readouterr().err
+    assert "x.gguf" in capsys.readouterr().err  # the pair loads: here its GGUF is missing, and named
     with pytest.raises(SystemExit) as e:  # --json with nothing to answer
         chat.main(["--json"])
     assert e.value.code == 2
@@ -324,3 +326,77 @@ def test_cli_chat_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         main(["chat", "--help"])
     assert e.value.code == 0 and "hybrid-r1 chat" in capsys.readouterr().out
+
+
+def test_repl_survives_bad_lines_and_settings(runtime, tmp_path):
+    """Every bad line or setting is an error line; the conversation goes on and answers after it."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    as_list, as_text = tmp_path / "list.json", tmp_path / "text.json"
+    for path, settings in ((as_list, [1, 2]), (as_text, "temperature=0")):
+        path.write_text(json.dumps({"format": conversation.SAVE_FORMAT, "settings": settings, "messages": []}))
+    lines = [b"/set temperature nan", b"/set seed " + str(2**70).encode(), b"/set top_k 2.5",
+             b"/set max_new_tokens 0", b"/load " + str(as_list).encode(), b"/load " + str(as_text).encode(),
+             b"caf\xe9 \xff",  # not UTF-8: prompt_toolkit hands these over as lone surrogates
+             b"/system \xff", b"Hello", b"/reset", b"/stats"]
+    session = ChatSession(runtime, greedy(3))
+    out = io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_bytes(b"\r".join(lines) + b"\r\x04")
+        rc = Repl(session, Console(out, color=False), tmp_path / "history", input=pipe, output=DummyOutput()).run()
+    text = out.getvalue()
+    assert rc == 0
+    for want in ("temperature must be a finite number", f"seed must be between 0 and {2**64 - 1}",
+                 "top_k: cannot use '2.5'", "max_new_tokens must be between 1",
+                 "settings must be an object of KEY: VALUE, got list", "got str", "the line is not valid UTF-8"):
+        assert want in text, (want, text)
+    assert len(stats_of(text)) == 1  # "Hello" was answered, with the settings untouched by the bad lines
+    assert session.settings == greedy(3) and session.system is None
+    assert "cache 0 tokens (" in text  # /reset left nothing cached (no system prompt to keep)
+
+
+def test_generate_json_has_the_chat_shape(runtime, monkeypatch, capsys):
+    import hybrid_r1
+    from hybrid_r1.cli import main
+
+    monkeypatch.setattr(hybrid_r1, "load", lambda path, **kw: runtime)
+    assert main(["generate", "--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert chat.main(["--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    talk = json.loads(capsys.readouterr().out)
+    assert set(gen) == set(talk) == {"text", "reasoning", "tokens", "stats"} and set(gen["stats"]) == set(talk["stats"])
+    # the same prompt through the same template and seed: the same tokens, split the same way
+    assert (gen["tokens"], gen["text"], gen["reasoning"]) == (talk["tokens"], talk["text"], talk["reasoning"])
+
+
+def test_progress_bar_only_on_a_terminal(tiny_dir):
+    from hybrid_r1.cli_support import LoadProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    bar = LoadProgress(tiny_dir, term)
+    import hybrid_r1
+
+    hybrid_r1.load(tiny_dir, device="cpu", progress=bar)
+    assert bar.bar.n == bar.bar.total > 0  # every tensor of the folder counted once: the bar ends at its total
+    bar.close()
+    assert "loading" in term.getvalue() and "tensors" in term.getvalue()
+    assert LoadProgress(tiny_dir, io.StringIO()).bar is None
+
+
+def test_synth_gguf_carries_the_tokenizer(tmp_path):
+    """hybrid-r1 synth OUT.gguf --format gguf: a file the chat can talk to (tokenizer in the metadata)."""
+    import hybrid_r1
+    from hybrid_r1.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["synth", str(out), "--format", "gguf", "--layers", "2", "--no-mtp"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the staging folder is gone
+    model = hybrid_r1.load(out, device="cpu")
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    assert model.tokenizer.decode(ids[-3:]) and len(model.generate(ids, max_new_tokens=2, stop=[])) == 2
+    assert main(["synth", str(out), "--format", "gguf"]) == 2  # exists, no --force

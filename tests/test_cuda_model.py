@@ -10,10 +10,10 @@ import torch
 import yaml
 
 import hybrid_r1
-from conftest import random_ids
+from conftest import NEEDS_CUDA, random_ids
 from routing import metrics, record_routing, replay_routing
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = NEEDS_CUDA
 
 
 @pytest.fixture(scope="module")

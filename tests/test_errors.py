@@ -116,6 +116,9 @@ def test_garbage_shard(small):
 
 
 def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        hybrid_r1.load(tmp_path / "nothing.bin")
+    (tmp_path / "nothing.bin").write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         hybrid_r1.load(tmp_path / "nothing.bin")
     (tmp_path / "empty").mkdir()

@@ -13,12 +13,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from conftest import needs_cuda
 from test_experts_ggml import E, H, K, PREFIX, FakeSource, expert_tensors, load_pair, rel, routing
 
 from hybrid_r1.ops.experts_ggml import GGMLExperts
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @needs_cuda

@@ -10,9 +10,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf.quants import dequantize as gguf_dequantize
 
+from conftest import NEEDS_CUDA
 from hybrid_r1.formats.ggml_dequant import SUPPORTED, dequantize
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 # byte offsets of the fp16 fields in each block
 F16_AT = {QT.Q8_0: (0,), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
 TYPES = [QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]

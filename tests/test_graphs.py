@@ -14,12 +14,11 @@ import pytest
 import torch
 
 import hybrid_r1
-from conftest import random_ids, rel_err
+from conftest import needs_cuda, random_ids, rel_err
 from hybrid_r1.generate import forward_tokens, prefill
 from hybrid_r1.graphs import DecodeGraphs
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def _eager_and_static(model, prompt, steps, headroom):

@@ -15,6 +15,7 @@ CUDA = torch.cuda.is_available()
 pytest.importorskip("triton")
 
 import hybrid_r1_kernels.act_quant as aq  # noqa: E402
+from conftest import needs_cuda  # noqa: E402
 from hybrid_r1_kernels.reference import act_quant_ref  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -91,7 +92,7 @@ def test_bad_arguments():
         aq.per_token_quant(x.to(torch.int8))
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("M,K", [(4096, 7168), (1, 18432), (333, 576)])
 @pytest.mark.parametrize("rounding", ["nearest_even", "trunc"])
 def test_cuda_deepseek_sizes(M, K, rounding):

@@ -20,6 +20,7 @@ CUDA = torch.cuda.is_available()
 pytest.importorskip("triton")
 
 from hybrid_r1 import quant  # noqa: E402  (the weight formulas; the test only needs valid int8 weights)
+from conftest import needs_cuda  # noqa: E402
 from hybrid_r1_kernels import reference as ref  # noqa: E402
 from hybrid_r1_kernels.act_quant import per_token_group_quant, per_token_quant  # noqa: E402
 from hybrid_r1_kernels.configs import GemmConfig  # noqa: E402
@@ -181,7 +182,7 @@ SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "kv_b"
           "dense_gate_up": (36864, 7168), "dense_down": (7168, 18432), "qkv_a": (2112, 7168)}
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("M", [1, 16, 1024])
 @pytest.mark.parametrize("block", [True, False], ids=["block", "channel"])
@@ -202,7 +203,7 @@ def test_cuda_deepseek_linear(name, M, block):
     assert (err <= FP32_TOL * absref + BF16_TOL * want.abs() + 1e-30).all()
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("M", [1, 64, 2048])
 @pytest.mark.parametrize("block", [True, False], ids=["block", "channel"])
 def test_cuda_shared_expert_gate_up(M, block):

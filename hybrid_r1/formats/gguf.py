@@ -80,15 +80,32 @@ class _Shard(gguf.GGUFReader):
         return super()._get_field_parts(orig_offs, raw_type)
 
     def _build_tensors(self, start_offs, fields):
-        seen = set()
+        spans = {}
         for f in fields:
-            name = self._check_tensor(start_offs, f)
-            if name in seen:
+            name, begin, nbytes, what = self._check_tensor(start_offs, f)
+            if name in spans:
                 raise CheckpointError("tensor listed twice in the header", file=str(self.path), tensor=name)
-            seen.add(name)
+            spans[name] = (begin, nbytes, what)
+        self._check_layout(spans)
         super()._build_tensors(start_offs, fields)
 
-    def _check_tensor(self, start: int, field) -> str:
+    def _check_layout(self, spans: dict[str, tuple[int, int, str]]) -> None:
+        """Tensors lie one after the other, each padded to the alignment (as llama.cpp and gguf-py
+        write them): one that overlaps the next is an error, and so is a gap of a whole alignment
+        unit or more, which is what a relabelled type id leaves (its bytes no longer fill the span)."""
+        order = sorted(spans.items(), key=lambda kv: kv[1][0])
+        for i, (name, (begin, nbytes, what)) in enumerate(order):
+            end = begin + nbytes
+            nxt = order[i + 1][1][0] if i + 1 < len(order) else self.size
+            if nxt < end:
+                raise CheckpointError(f"its data (bytes {begin}..{end}, {what}) overlaps tensor {order[i + 1][0]} "
+                                      f"at byte {nxt}", file=str(self.path), tensor=name)
+            if nxt - end >= self.alignment:
+                until = f"tensor {order[i + 1][0]} starts" if i + 1 < len(order) else "the file ends"
+                raise CheckpointError(f"{what} takes {nbytes} bytes but {until} {nxt - begin} bytes after its start: "
+                                      "wrong type id or shape?", file=str(self.path), tensor=name)
+
+    def _check_tensor(self, start: int, field) -> tuple[str, int, int, str]:
         _, name_bytes, _, dims, raw_type, offset = field.parts
         name = bytes(name_bytes).decode("utf-8", errors="replace")
 
@@ -114,7 +131,7 @@ class _Shard(gguf.GGUFReader):
             raise bad(f"data offset {begin} is past the end of the file ({self.size} bytes)")
         if begin + nbytes > self.size:
             raise bad(f"data ends at byte {begin + nbytes}, past the end of the file ({self.size} bytes): truncated?")
-        return name
+        return name, begin, nbytes, f"{qtype.name} ne={ne}"
 
 
 def _open(path: Path) -> _Shard:
@@ -296,6 +313,11 @@ class GGUFCheckpoint:
         view = data.view()
         view.flags.writeable = False  # operators read ggml blocks in place; nothing may write them
         return GGMLTensor(gguf_name, str(shard.path), int(t.tensor_type), tuple(int(x) for x in t.shape), view)
+
+    def byte_range(self, gguf_name: str) -> tuple[str, int, int]:
+        """(file, offset, size) of a GGUF tensor's stored bytes: for tools that copy them unchanged."""
+        shard, t = self._gguf(gguf_name)
+        return str(shard.path), int(t.data_offset), int(t.n_bytes)
 
     def tokenizer_metadata(self) -> dict[str, Any]:
         """The `tokenizer.*` metadata: ggml.model/pre/tokens/merges/token_type, special ids, chat_template."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import gguf
 
+from .. import checks
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from . import names as N
@@ -45,8 +46,22 @@ def detect_layout(ne: dict[str, tuple[int, ...]], meta: dict[str, Any]) -> str:
     return N.NEW if f"{ARCH}.attention.key_length_mla" in meta else N.OLD
 
 
+# The type each `deepseek2.*` key must have (ranges are ModelConfig's); a wrong one names the key.
+KINDS = {**dict.fromkeys((
+    "block_count", "nextn_predict_layers", "attention.head_count", "rope.dimension_count", "vocab_size",
+    "embedding_length", "feed_forward_length", "expert_feed_forward_length", "attention.q_lora_rank",
+    "attention.kv_lora_rank", "attention.key_length", "attention.value_length", "attention.key_length_mla",
+    "attention.value_length_mla", "expert_count", "expert_used_count", "expert_shared_count",
+    "leading_dense_block_count", "context_length", "expert_gating_func", "expert_group_count",
+    "expert_group_used_count", "rope.scaling.original_context_length"), int),
+    **dict.fromkeys(("expert_weights_scale", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor",
+                     "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
+                     "rope.scaling.yarn_beta_slow"), float),
+    "expert_weights_norm": bool, "rope.scaling.type": str}
+
+
 class _Meta:
-    """`deepseek2.*` metadata lookups that name the missing key."""
+    """`deepseek2.*` metadata lookups that name the missing key, or the key of the wrong type."""
 
     def __init__(self, meta: dict[str, Any], source: str | None):
         self.meta, self.source = meta, source
@@ -57,10 +72,24 @@ class _Meta:
     def __call__(self, key: str, default: Any = ConfigError) -> Any:
         full = f"{ARCH}.{key}"
         if full in self.meta:
-            return self.meta[full]
+            return self._typed(full, KINDS.get(key), self.meta[full])
         if default is ConfigError:
             raise ConfigError(f"metadata key {full} is missing", self.source)
         return default
+
+    def _typed(self, full: str, kind, value):
+        def err(msg: str) -> ConfigError:
+            return ConfigError(f"metadata key {msg}", self.source)
+
+        if kind is int:
+            return checks.integer(full, value, error=err)
+        if kind is float:
+            return checks.number(full, value, error=err)
+        if kind is bool:
+            return checks.boolean(full, value, error=err)
+        if kind is str and not isinstance(value, str):
+            raise err(f"{full} must be a string, got {value!r}")
+        return value
 
 
 def config_from_metadata(meta: dict[str, Any], ne: dict[str, tuple[int, ...]], *, source: str | None = None,
@@ -78,12 +107,13 @@ def config_from_metadata(meta: dict[str, Any], ne: dict[str, tuple[int, ...]], *
         hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length", 0),
         moe_intermediate_size=get("expert_feed_forward_length", 0), num_hidden_layers=n_layers - nextn,
         num_nextn_predict_layers=nextn, num_attention_heads=heads, num_key_value_heads=heads,
-        q_lora_rank=get("attention.q_lora_rank", None), kv_lora_rank=get("attention.kv_lora_rank"),
+        q_lora_rank=get("attention.q_lora_rank", None) or None,  # llama.cpp writes 0 for "no q-LoRA"
+        kv_lora_rank=get("attention.kv_lora_rank"),
         qk_nope_head_dim=qk - rope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v,
         n_routed_experts=get("expert_count"), num_experts_per_tok=get("expert_used_count"),
         n_shared_experts=get("expert_shared_count", 0),
         routed_scaling_factor=get("expert_weights_scale", hf.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(get("expert_weights_norm", hf.get("norm_topk_prob", False))),
+        norm_topk_prob=get("expert_weights_norm", hf.get("norm_topk_prob", False)),
         first_k_dense_replace=get("leading_dense_block_count", 0),
         rms_norm_eps=get("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10000.0),
         rope_scaling=_rope_scaling(get, hf), max_position_embeddings=get("context_length"),

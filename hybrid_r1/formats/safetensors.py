@@ -38,6 +38,50 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _UNKNOWN = object()  # quantization() not computed yet
 
 
+def _entry(e, data_size: int, file: str, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """One header entry, checked: dtype known, shape a list of non-negative ints, data_offsets
+    [begin, end] inside the data section (which starts after the header) and sized shape x itemsize."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(msg, file=file, tensor=name)
+
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+        raise bad(f"header entry must be an object with dtype, shape and data_offsets, got {str(e)[:80]}")
+    if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
+        raise bad(f"unsupported dtype {e['dtype']!r}")
+    dtype, shape, offsets = DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise bad(f"data_offsets must be [begin, end] integers, got {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"data_offsets {offsets} must satisfy 0 <= begin <= end (offsets count from the end of the header)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise bad(f"data size {end - begin} B does not match shape {shape} of {e['dtype']} ({nbytes} B)")
+    if end > data_size:
+        raise bad(f"data runs past the end of the file (byte {end} of a {data_size}-byte data section): truncated?")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_layout(entries: dict[str, tuple], data_size: int, file: str) -> None:
+    """The tensors tile the data section: no two share bytes (a crafted header could alias one
+    tensor's bytes as another's) and no byte belongs to none (the safetensors format forbids holes,
+    so that a file cannot hide other contents). Alignment is not required by the format."""
+    spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+    at, prev = 0, None
+    for b, e, name in spans:
+        if b < at:
+            raise CheckpointError(f"data bytes {b}..{e} overlap tensor {prev} (..{at})", file=file, tensor=name)
+        if b > at:
+            raise CheckpointError(f"bytes {at}..{b} of the data section belong to no tensor (a hole before this one)",
+                                  file=file, tensor=name)
+        at, prev = e, name
+    if at != data_size:
+        raise CheckpointError(f"the data section has {data_size} bytes but its tensors end at byte {at}", file=file)
+
+
 class _Shard:
     def __init__(self, path: Path):
         self.path = path
@@ -58,27 +102,15 @@ class _Shard:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"header is not valid JSON: {e}", file=str(path)) from None
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"header is JSON but not an object of tensors (a {type(header).__name__})", file=str(path))
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError("__metadata__ is not an object of strings", file=str(path))
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-            except KeyError:
-                raise CheckpointError(f"unsupported dtype {e.get('dtype')!r}", file=str(path), tensor=name) from None
-            shape = tuple(e["shape"])
-            begin, end = e["data_offsets"]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes:
-                raise CheckpointError(
-                    f"data size {end - begin} B does not match shape {list(shape)} of {e['dtype']}", file=str(path), tensor=name
-                )
-            if self.data_start + end > size:
-                raise CheckpointError(
-                    f"data runs past the end of the file ({self.data_start + end} > {size} bytes): truncated?",
-                    file=str(path), tensor=name,
-                )
-            self.entries[name] = (dtype, shape, begin, end)
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            name: _entry(e, size - self.data_start, str(path), name) for name, e in header.items()}
+        _check_layout(self.entries, size - self.data_start, str(path))
 
     def view(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
@@ -102,11 +134,19 @@ class SafetensorsCheckpoint:
         self._where: dict[str, _Shard] = {}
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"index is not a valid safetensors index ({e!r})", file=str(index)) from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError("index weight_map must be an object of tensor: shard file", file=str(index))
             shards: dict[str, _Shard] = {}
+            inside = self.root.resolve()
             for name, fname in weight_map.items():
+                if not isinstance(fname, str) or not fname:
+                    raise CheckpointError(f"index entry must name a shard file, got {fname!r}", file=str(index), tensor=name)
+                if fname not in shards and not (self.root / fname).resolve().is_relative_to(inside):
+                    raise CheckpointError(f"index entry {fname!r} points outside the checkpoint folder",
+                                          file=str(index), tensor=name)
                 if fname not in shards:
                     if not (self.root / fname).is_file():
                         raise CheckpointError(f"shard {fname} listed in the index is missing", file=str(self.root / fname), tensor=name)
@@ -144,6 +184,12 @@ class SafetensorsCheckpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._shard(name).entries[name][0]
+
+    def byte_range(self, name: str) -> tuple[str, int, int]:
+        """(file, offset, size) of `name`'s stored bytes: for tools that copy them unchanged."""
+        shard = self._shard(name)
+        _, _, begin, end = shard.entries[name]
+        return str(shard.path), shard.data_start + begin, end - begin
 
     def raw(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shard = self._shard(name)

@@ -68,29 +68,46 @@ class SafetensorsWriter:
                 w.write("a", rows)
     """
 
-    def __init__(self, path: str | Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None,
+                 hasher=None):
         self.path = Path(path)
         self.specs = list(specs)
+        self.hasher = hasher  # e.g. hashlib.sha256(): fed every byte written, so nothing is read back
         head = header_bytes(self.specs, metadata)
         self._f = open(self.path, "wb")
-        self._f.write(head)
+        self._emit(head)
         self._i = 0  # the tensor being written
         self._done = 0  # its bytes written so far
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append `chunk` (of the declared dtype) to tensor `name`."""
+        spec = self._advance(name)
+        if chunk.dtype != spec.dtype:
+            raise ValueError(f"{self.path}: {name} is declared {spec.dtype}, got a {chunk.dtype} chunk")
+        self._append(spec, memoryview(chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def write_bytes(self, name: str, data) -> None:
+        """Append raw bytes (a bytes-like object) to tensor `name`: for copies of stored bytes."""
+        self._append(self._advance(name), memoryview(data).cast("B"))
+
+    def _advance(self, name: str) -> TensorSpec:
         if self._i < len(self.specs) and self._done == self.specs[self._i].nbytes and self.specs[self._i].name != name:
             self._i, self._done = self._i + 1, 0  # the previous tensor is complete: on to the next
         if self._i >= len(self.specs) or self.specs[self._i].name != name:
             expected = self.specs[self._i].name if self._i < len(self.specs) else "nothing more"
             raise ValueError(f"{self.path}: wrote {name!r} where the header expects {expected!r}")
-        spec = self.specs[self._i]
-        if chunk.dtype != spec.dtype:
-            raise ValueError(f"{self.path}: {name} is declared {spec.dtype}, got a {chunk.dtype} chunk")
-        data = memoryview(chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return self.specs[self._i]
+
+    def _append(self, spec: TensorSpec, data: memoryview) -> None:
         if self._done + data.nbytes > spec.nbytes:
-            raise ValueError(f"{self.path}: {name} is declared {spec.nbytes} bytes, got more")
-        self._f.write(data)
+            raise ValueError(f"{self.path}: {spec.name} is declared {spec.nbytes} bytes, got more")
+        self._emit(data)
         self._done += data.nbytes
+
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
 
     def close(self) -> None:
         if self._f.closed:

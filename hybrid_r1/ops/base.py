@@ -13,8 +13,11 @@ guessing:
     moves_inputs  takes inputs on any device and returns on the input's device itself (placement
                   then adds no bridge: e.g. the CPU experts copy GPU inputs through pinned buffers)
     shardable     load_weights accepts a `Shard` (tensor parallelism: this rank's slice)
-and implements `from_module(module, device, dtype, args)` (build it, weights not loaded) and
-`load_weights(source, prefix, shard=None)` (fetch its tensors from a WeightSource).
+and implements `from_module(module, device, dtype, args)` (build it, weights not loaded),
+`load_weights(source, prefix, shard=None)` (fetch its tensors from a WeightSource),
+`planned_bytes(source, prefix, config)` (what its weights will take: `hybrid-r1 plan`) and, where it
+cannot take every checkpoint, `source_problem(source, prefix)` (checked from the headers, before
+any weight is read).
 
 `LinearOperator` adds what the model and the fusion pass need of a linear: `dense_weight()` (the
 absorbed attention reads kv_b_proj as a matrix) and `fuse_rows(other, glu)` (one GEMM for two
@@ -143,6 +146,17 @@ class Operator(nn.Module):
 
     def load_weights(self, source, prefix: str, shard: Shard | None = None) -> None:
         raise NotImplementedError
+
+    def planned_bytes(self, source, prefix: str, config) -> int:
+        """Bytes its weights will take once loaded from `source` (None: estimate from the model's
+        `config`), for `hybrid-r1 plan`; read from headers only."""
+        raise NotImplementedError
+
+    @classmethod
+    def source_problem(cls, source, prefix: str) -> str | None:
+        """Why this operator cannot take what `source` holds for module `prefix` (checked from the
+        headers before any weight is read), or None. Default: anything goes."""
+        return None
 
 
 class LinearOperator(Operator):

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import ggml_lib
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
+from ..threads import check_threads
 from .base import OpArgs, OpArgsError, Operator, Shard
 from .experts_gpu_prefill import GPUExpertPrefill, supported
-from .experts_reference import check_call, expert_tensors
+from .experts_reference import check_call, expert_tensors, ggml_expert_bytes, layer_of
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,11 @@ class GGMLArgs(OpArgs):
     prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
 
     def check(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise OpArgsError("threads", f"must be >= 1, got {self.threads}")
+        if self.threads is not None:
+            try:
+                check_threads(self.threads)  # bounded by the usable CPUs: ggml crashes on absurd counts
+            except InputError as e:
+                raise OpArgsError(None, str(e)) from None
         if self.chunk_tokens < 1:
             raise OpArgsError("chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
         if not 0 <= self.poll <= 100:
@@ -85,6 +89,20 @@ class GGMLExperts(Operator):
     def from_module(cls, module, device=None, dtype=None, args: GGMLArgs | None = None) -> "GGMLExperts":
         shape = module[0].gate_proj
         return cls(len(module), shape.in_features, shape.out_features, **vars(args or GGMLArgs()))
+
+    @classmethod
+    def source_problem(cls, source: WeightSource, prefix: str) -> str | None:
+        try:
+            found = source.ggml_experts(layer_of(prefix))
+        except CheckpointError as e:
+            return str(e)
+        if found is None:
+            return ("the checkpoint holds no GGML-quantized routed experts: load a GGUF, a merged folder "
+                    "(merge_tools merge), or the safetensors folder with --gguf")
+        return None
+
+    def planned_bytes(self, source, prefix: str, config) -> int:
+        return ggml_expert_bytes(source, prefix, config, self.n_experts, self.hidden_size, self.intermediate_size)
 
     def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         assert shard is None, "experts.ggml_cpu does not shard"  # declared: shardable = False

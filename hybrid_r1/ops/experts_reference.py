@@ -58,6 +58,27 @@ class DequantArgs(OpArgs):
     compute_dtype: Literal["float32", "float64", "bfloat16"] = "float32"
 
 
+def ggml_expert_bytes(source, prefix: str, config, n_experts: int, hidden: int, intermediate: int) -> int:
+    """The layer's GGML blocks as stored in `source`; without a source, what a Q4_K_M file holds
+    (Q4_K gate/up, Q6_K or Q4_K down by llama.cpp's layer rule), as `hybrid-r1 plan` assumes for
+    the 671B config."""
+    if source is not None:
+        found = source.ggml_experts(layer_of(prefix))
+        if found is not None:
+            return sum(t.data.nbytes for t in found.values())
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from ..formats.gguf_writer import tensor_type  # llama.cpp's Q4_K_M choice per tensor
+
+    layer, total = layer_of(prefix), 0
+    n_layers = config.num_hidden_layers
+    for part, ne in (("gate", (hidden, intermediate)), ("up", (hidden, intermediate)), ("down", (intermediate, hidden))):
+        t = tensor_type(f"blk.{layer}.ffn_{part}_exps.weight", (*ne, n_experts), "Q4_K_M", n_layers)
+        block, size = GGML_QUANT_SIZES[t]
+        total += n_experts * ne[1] * (ne[0] // block) * size
+    return total
+
+
 class DequantExperts(Operator):
     """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden]."""
 
@@ -81,6 +102,9 @@ class DequantExperts(Operator):
         shape = module[0].gate_proj
         dtype = getattr(torch, (args or DequantArgs()).compute_dtype)
         return cls(len(module), shape.in_features, shape.out_features, dtype)
+
+    def planned_bytes(self, source, prefix: str, config) -> int:
+        return ggml_expert_bytes(source, prefix, config, self.n_experts, self.hidden_size, self.intermediate_size)
 
     def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         assert shard is None, "experts.dequant does not shard"  # declared: shardable = False

@@ -51,6 +51,20 @@ class Int8Linear(LinearOperator):
     def from_module(cls, module: nn.Linear, device, dtype, args: Int8Args) -> "Int8Linear":
         return cls(module.in_features, module.out_features, device, dtype, args.rounding)
 
+    def planned_bytes(self, source, prefix: str, config) -> int:
+        n, k = self.out_features, self.in_features
+        scales = -(-n // BLOCK) * -(-k // BLOCK) if self.scheme == "block" else n
+        return n * k + 4 * scales  # int8 weight, fp32 scales
+
+    @classmethod
+    def source_problem(cls, source: WeightSource, prefix: str) -> str | None:
+        """Stored INT8 of the other scheme cannot be run as this one (its scales mean something else)."""
+        other = [s for k, s in SCHEMES.items() if k != cls.scheme and source.has(f"{prefix}.{s}")]
+        if other and not source.has(f"{prefix}.{SCHEMES[cls.scheme]}"):
+            return (f"the checkpoint stores this linear as INT8 with {other[0]} (the other scheme); "
+                    f"use linear.int8_{'channel' if cls.scheme == 'block' else 'block'}")
+        return None
+
     def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         name = prefix + ".weight"
         check_tensor(source, name, (self.out_features, self.in_features))
