@@ -107,3 +107,49 @@ def test_rules_on_a_gguf_model_run_on_the_cpu(tmp_path):
     ops = {p.op for p in model.placements}
     assert {"experts.ggml_cpu", "linear.int8_channel"} <= ops
     assert torch.isfinite(model.logits([1, 2, 3, 4])).all()
+
+
+@pytest.mark.parametrize("file, linear", [("int8-gpu-ggml-experts.yaml", "linear.int8_block"),
+                                          ("int8-channel-gpu-ggml-experts.yaml", "linear.int8_channel"),
+                                          ("bf16-gpu-ggml-experts.yaml", None)])
+def test_shipped_gpu_rule_files(file, linear):
+    model = meta_model()
+    by_path = {p.path: p for p in apply(model, load_rules(RULES / file), torch.device("cpu"), torch.bfloat16)}
+    assert by_path["model.layers.1.mlp.experts"].op == "experts.ggml_cpu"
+    assert by_path["model.layers.1.mlp.experts"].device == torch.device("cpu")
+    attn = model.model.layers[2].self_attn
+    if linear:
+        assert by_path["model.layers.2.self_attn.o_proj"].op == linear
+        assert by_path["model.layers.0.mlp.down_proj"].op == linear
+        assert isinstance(attn.kv_b_proj, nn.Linear)  # dense: read as a matrix by the absorbed attention
+    else:
+        assert isinstance(attn.o_proj, nn.Linear) and attn.o_proj.placement_device == torch.device("cuda")
+    assert model.lm_head.placement_device == torch.device("cuda")
+
+
+def test_cpu_rule_file_runs_a_gguf(tmp_path):
+    import hybrid_r1
+    from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
+    from hybrid_r1.synth import SyntheticWeights
+
+    cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2)
+    (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=5), tmp_path / "m.gguf", type_mix="Q8_0")
+    model = hybrid_r1.load(gguf, rules=RULES / "cpu-ggml-experts.yaml")
+    assert {p.op for p in model.placements if p.op} == {"experts.ggml_cpu", "linear.int8_block"}
+    assert torch.isfinite(model.logits([1, 2, 3, 4])).all()
+
+
+def test_rules_checked_against_the_checkpoint(tiny_dir, tmp_path, caplog):
+    import hybrid_r1
+    from hybrid_r1_merge_tools.quantize import quantize_checkpoint
+
+    experts = [{"name": r"\.mlp\.experts$", "op": "experts.ggml_cpu", "device": "cpu"}]
+    with pytest.raises(RuleError, match=r"rules rule 1: experts.ggml_cpu cannot run model.layers.1.mlp.experts: "
+                                        "the checkpoint holds no GGML-quantized routed experts"):
+        hybrid_r1.load(tiny_dir, device="cpu", rules=experts)
+    channel = quantize_checkpoint(tiny_dir, tmp_path / "ch", "channel").output
+    with pytest.raises(RuleError, match="stores this linear as INT8 with weight_scale .*use linear.int8_channel"):
+        hybrid_r1.load(channel, device="cpu", rules=[{"class": "Linear", "name": "o_proj", "op": "linear.int8_block"}])
+    with caplog.at_level("WARNING"):
+        hybrid_r1.load(tiny_dir, device="cpu", rules=[{"name": "^model", "device": "cpu"}, {"name": "nothing"}])
+    assert "rules rule 2 matches no module" in caplog.text
