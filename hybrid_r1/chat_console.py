@@ -96,7 +96,9 @@ def stats_line(s: Stats) -> str:
     first = "none" if s.time_to_first_token_s is None else f"{s.time_to_first_token_s:.2f} s"
     return (f"{s.prompt_tokens} prompt tokens ({cached} cached) | prefill {s.prefill_tok_s:.1f} tok/s | "
             f"decode {s.decode_tok_s:.1f} tok/s | first token {first} | "
-            f"{s.new_tokens} new tokens, {_STOP_WORDS.get(s.stop_reason, s.stop_reason)}")
+            f"{s.new_tokens} new tokens, {_STOP_WORDS.get(s.stop_reason, s.stop_reason)}"
+            + (f" | VRAM {s.vram_bytes / 2**30:.1f} GiB" if s.vram_bytes else "")
+            + (f" | RAM {s.ram_bytes / 2**30:.1f} GiB" if s.ram_bytes else ""))
 
 
 def isatty(stream) -> bool:

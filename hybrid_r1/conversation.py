@@ -114,7 +114,7 @@ class Reply:
                 "stats": {"prompt_tokens": s.prompt_tokens, "prefilled_tokens": s.prefilled_tokens,
                           "new_tokens": s.new_tokens, "prefill_tok_s": s.prefill_tok_s,
                           "decode_tok_s": s.decode_tok_s, "time_to_first_token_s": s.time_to_first_token_s,
-                          "stop_reason": s.stop_reason}}
+                          "stop_reason": s.stop_reason, "vram_bytes": s.vram_bytes, "ram_bytes": s.ram_bytes}}
 
 
 class Listener(Protocol):

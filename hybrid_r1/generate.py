@@ -3,6 +3,7 @@ tokens through `on_token` and timings in the returned `Generation`."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -51,6 +52,8 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     stop_reason: str = ""  # "stop" (a stop token), "length" (max_new_tokens) or "interrupted"
+    vram_bytes: int = 0  # GPU memory torch holds for tensors after the call, all GPUs
+    ram_bytes: int = 0  # the process's resident memory after the call (mapped expert pages it touched included)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -75,6 +78,19 @@ class Generation(list):
     def __init__(self, tokens=(), stats: Stats | None = None):
         super().__init__(tokens)
         self.stats = stats or Stats()
+
+
+def memory_in_use() -> tuple[int, int]:
+    """(bytes torch has allocated on every GPU it initialised, resident bytes of this process)."""
+    vram = 0
+    if torch.cuda.is_initialized():
+        vram = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+    try:
+        with open("/proc/self/statm") as f:
+            ram = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        ram = 0
+    return vram, ram
 
 
 def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
@@ -192,4 +208,5 @@ def generate(
     _sync(module)
     stats.decode_s = time.perf_counter() - t1
     stats.new_tokens = len(out)
+    stats.vram_bytes, stats.ram_bytes = memory_in_use()
     return out

@@ -294,7 +294,8 @@ def test_stdin_json(demo_cache):  # a real process with a real pipe: python -m h
     assert set(out) == {"text", "reasoning", "tokens", "stats"}
     assert 1 <= len(out["tokens"]) <= 3 and isinstance(out["text"], str) and isinstance(out["reasoning"], str)
     assert set(out["stats"]) == {"prompt_tokens", "prefilled_tokens", "new_tokens", "prefill_tok_s", "decode_tok_s",
-                                 "time_to_first_token_s", "stop_reason"}
+                                 "time_to_first_token_s", "stop_reason", "vram_bytes", "ram_bytes"}
+    assert out["stats"]["ram_bytes"] > 50 << 20  # a loaded model's process: tens of MB at least
     assert out["stats"]["new_tokens"] == len(out["tokens"])
 
 
