@@ -80,7 +80,7 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # extension (0 = no limit)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)  # batch 1: one choice per request
     stream: bool = False

