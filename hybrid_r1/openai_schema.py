@@ -120,27 +120,29 @@ class CompletionRequest(_Sampling):
 
 
 def parse(model: type[BaseModel], body) -> BaseModel:
-    """Validate a decoded JSON body; APIError 400 naming the first bad field."""
+    """Validate a decoded JSON body; APIError 400 naming the first bad field (for a field that may
+    take several forms, what each form wanted)."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = _param(err["loc"])
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+        errors = [(_param(err["loc"]), err["msg"]) for err in e.errors()]
+        param = errors[0][0]
+        alternatives = dict.fromkeys(f"{p}: {m}" if p else m for p, m in errors if p.startswith(param))
+        raise APIError(400, ", or ".join(alternatives), param=param or None) from None
+
+
+_UNION_TAGS = ("str", "int", "float", "bool", "dict")
 
 
 def _param(loc: tuple) -> str:
-    # pydantic adds the union member it tried ("str", "list[TextPart]") to the location: drop it
+    """pydantic's error location as the client wrote it (messages[0].content); pydantic adds the
+    union member it tried ("str", "list[TextPart]"), which is not part of it."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and not part[:1].islower() and "[" not in part:
-            continue
-        elif isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict")):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
+        elif "[" not in part and part not in _UNION_TAGS:
+            out += ("." if out else "") + part
     return out

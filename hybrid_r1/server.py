@@ -23,6 +23,7 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import jinja2
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -157,7 +158,7 @@ class Service:
             messages = _with_system(messages, tools_system_prompt(tools))
         try:
             return self.tokenizer.encode_chat(messages, tools=tools or None)
-        except Exception as e:  # jinja's TemplateError: what the template refuses (raise_exception)
+        except jinja2.TemplateError as e:  # what the template refuses (raise_exception) or cannot render
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
 
     def template_takes_tools(self) -> bool:

@@ -188,6 +188,45 @@ def test_stop_strings_and_seed(client):
     assert a == b and hot[0] == hot[1]
 
 
+def test_conversations_reuse_their_caches(client, demo_runtime):
+    """Two conversations interleaved: each next turn reuses its own conversation's cache."""
+    tok = demo_runtime.tokenizer
+    firsts = {name: [{"role": "user", "content": f"Conversation {name} starts here, with its own words"}]
+              for name in ("A", "B")}
+    answers = {name: chat_messages(client, msgs) for name, msgs in firsts.items()}
+    for name, msgs in firsts.items():
+        nxt = msgs + [{"role": "assistant", "content": answers[name]}, {"role": "user", "content": "and then?"}]
+        r = client.chat.completions.create(model=MODEL, messages=nxt, max_tokens=3, temperature=0)
+        # all of the first prompt but R1's "<think>\n" opening, which its template drops from history
+        first_prompt = tok.encode_chat(msgs)
+        assert r.usage.prompt_tokens_details.cached_tokens == len(first_prompt) - 2
+        assert r.usage.prompt_tokens == len(tok.encode_chat(nxt))
+
+
+def chat_messages(client, messages, n: int = 4) -> str:
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n,
+                                          temperature=0).choices[0].message.content
+
+
+def test_prefix_caches_lru():
+    from hybrid_r1.cache import KVCache
+    from hybrid_r1.engine import PrefixCaches
+
+    made = []
+    caches = PrefixCaches(lambda: made.append(KVCache(1)) or made[-1], slots=2)
+
+    def use(prompt):  # what a generation leaves in the cache: the prompt and an answer
+        cache = caches.take(prompt)
+        cache.tokens[:] = prompt + [99, 98]
+        return cache
+
+    a, b = use([1, 2, 3, 4]), use([5, 6, 7, 8])
+    assert a is not b and len(made) == 2
+    assert use([1, 2, 3, 4, 99, 98, 10]) is a  # extends conversation a
+    assert use([1, 2, 7, 7]) is b  # shares half of a's last prompt (7 tokens): not enough; b is the LRU
+    assert use([5, 6, 7, 8]) is a and len(made) == 2  # b now holds [1, 2, 7, 7]: a is the LRU one
+
+
 def test_eight_concurrent_clients_match_solo(client):
     prompts = [f"Question {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]
     solo = [chat(client, p, 6).choices[0].message.model_extra["reasoning_content"] for p in prompts]
@@ -224,6 +263,14 @@ def test_queue_limit_and_disconnect(demo_runtime, client):
             assert time.monotonic() - t0 < 1.0
         assert service.engine.pending == 0
         assert chat(c, "Fourth", 3).usage.completion_tokens == 3
+        # a client of a whole (non-streamed) answer that gives up stops its generation too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", timeout=httpx.Timeout(30, read=0.5), json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Fifth"}], "max_tokens": 3000})
+        deadline = time.monotonic() + 1.0
+        while service.engine.pending:
+            assert time.monotonic() < deadline, "the abandoned generation is still running"
+            time.sleep(0.01)
 
 
 def test_bad_inputs_get_openai_errors(client, real):
@@ -295,11 +342,10 @@ def test_soak_rss_bounded(real):
                                                   "stream": i % 2 == 0})
             assert r.status_code == 200
 
-        for i in range(20):
-            one(i)
-        before = rss_mib()
-        for i in range(200):
-            one(i)
+        with ThreadPoolExecutor(2) as pool:  # two clients: one's HTTP overlaps the other's generation
+            list(pool.map(one, range(20)))
+            before = rss_mib()
+            list(pool.map(one, range(200)))
         growth = rss_mib() - before
     assert growth < 64, f"RSS grew {growth:.1f} MiB over 200 requests"
 
