@@ -102,17 +102,20 @@ class Service:
 
     def __init__(self, runtime, *, model_id: str, context: int | None = None, api_key: str | None = None,
                  max_queue: int = 16, cache_slots: int = 4, default_max_tokens: int | None = None,
-                 reasoning_format: str = "deepseek", engine: Engine | None = None):
+                 reasoning_format: str = "deepseek"):
         if runtime.tokenizer is None:
             raise HybridR1Error("the checkpoint has no tokenizer.json: the server needs the model's tokenizer")
+        longest = runtime.config.max_position_embeddings
+        if context is not None and not 2 <= context <= longest:
+            raise HybridR1Error(f"--context {context}: must be in [2, {longest}] (the model's max_position_embeddings)")
         self.runtime = runtime
         self.tokenizer = runtime.tokenizer
         self.model_id = model_id
-        self.context = context or runtime.config.max_position_embeddings
+        self.context = context or longest
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         self.reasoning_format = reasoning_format
-        self.engine = engine or Engine(runtime, context=self.context, max_queue=max_queue, cache_slots=cache_slots)
+        self.engine = Engine(runtime, context=self.context, max_queue=max_queue, cache_slots=cache_slots)
         self.created = int(time.time())
         self._template_takes_tools: bool | None = None
 
@@ -306,15 +309,7 @@ def create_app(service: Service):
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_chat_events(service, run, output, head, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            async for token in run.tokens():
-                output.feed(token)
-                if output.stopped:
-                    run.job.cancel()
-            gen = run.result()
-        finally:
-            run.close()
-        output.close()
+        gen = await _collect(run, output)
         message = {"role": "assistant", "content": "".join(output.content_parts) or (None if output.tool_calls else "")}
         if not inline:
             message["reasoning_content"] = "".join(output.reasoning_parts)
@@ -339,15 +334,7 @@ def create_app(service: Service):
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_completion_events(service, run, output, head, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            async for token in run.tokens():
-                output.feed(token)
-                if output.stopped:
-                    run.job.cancel()
-            gen = run.result()
-        finally:
-            run.close()
-        output.close()
+        gen = await _collect(run, output)
         body = {**head, "object": "text_completion",
                 "choices": [{"index": 0, "text": "".join(output.text), "logprobs": None,
                              "finish_reason": _finish_reason(gen, output.stopped)}],
@@ -355,6 +342,20 @@ def create_app(service: Service):
         return JSONResponse(body, headers=_timing_headers(gen))
 
     return app
+
+
+async def _collect(run: Run, output: ChatOutput | CompletionOutput) -> Generation:
+    """Feed a whole (non-streamed) answer's tokens to `output`; the generation with its stats."""
+    try:
+        async for token in run.tokens():
+            output.feed(token)
+            if output.stopped:  # a stop sequence: nothing after it is wanted
+                run.job.cancel()
+        gen = run.result()
+    finally:
+        run.close()
+    output.close()
+    return gen
 
 
 def _model_card(service: Service) -> dict:
@@ -485,9 +486,6 @@ def main(argv: list[str] | None = None, prog: str = "hybrid-r1 serve") -> int:
         torch.set_num_threads(args.threads)
     try:
         runtime, is_demo = open_model(args, console)  # the chat's loader: --model, merged, or the demo
-        if args.context and args.context > runtime.config.max_position_embeddings:
-            raise HybridR1Error(f"--context {args.context} is beyond the model's "
-                                f"max_position_embeddings ({runtime.config.max_position_embeddings})")
         name = args.served_model_name or ("hybrid-r1-demo" if is_demo else
                                           Path(args.model or args.safetensor).name.removesuffix(".gguf"))
         service = Service(runtime, model_id=name, context=args.context, api_key=args.api_key,
