@@ -90,6 +90,8 @@ class ChatOutput:
 
     def answer(self, text: str) -> None:
         if not self.stopped:
+            # the reasoning is over: what its stop matcher holds cannot begin a stop sequence now
+            self._emit("reasoning_content", self._stops[0].close())
             self._content(self._stops[1].feed(text))
 
     def _content(self, text: str, final: bool = False) -> None:

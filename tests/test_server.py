@@ -366,6 +366,12 @@ def test_reasoning_split_and_inline(scripted):
     inline = chat(c, "What is 2+2?", 50, extra_body={"reasoning_format": "none"}).choices[0].message
     assert inline.content == "<think>\nTwo and two make four.\n</think>\n\nThe answer is 4."
     assert "reasoning_content" not in (inline.model_extra or {})
+    # a stop sequence ends the answer; a start of one at the end of the reasoning is reasoning
+    rt.script = tok.encode("Think ST") + [tok.think_end_id] + tok.encode("\n\nSay STOP now") + [tok.eos_id]
+    cut = chat(c, "What is 2+2?", 50, stop=["STOP"])
+    assert cut.choices[0].message.model_extra["reasoning_content"] == "Think ST"
+    assert cut.choices[0].message.content == "Say " and cut.choices[0].finish_reason == "stop"
+    assert streamed(c, "What is 2+2?", 50, stop=["STOP"])[:2] == ("Think ST", "Say ")
 
 
 def test_tool_calls_parsed(scripted):
