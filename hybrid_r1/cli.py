@@ -3,6 +3,7 @@
     hybrid-r1 generate --model DIR --prompt "Why is the sky blue?"
     hybrid-r1 synth OUT --preset tiny
     hybrid-r1 chat [--model DIR]          (same as python -m hybrid_r1.chat)
+    hybrid-r1 serve [--model DIR]         (OpenAI-compatible HTTP API, see hybrid-r1 serve --help)
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--device", help="default device (default: cuda if present, else cpu)")
     sub.add_parser("synth", help="write a synthetic checkpoint (hybrid-r1 synth --help)", add_help=False)
     sub.add_parser("chat", help="chat in the terminal, or answer --prompt (hybrid-r1 chat --help)", add_help=False)
+    sub.add_parser("serve", help="serve the model over an OpenAI-compatible API (hybrid-r1 serve --help)",
+                   add_help=False)
     return ap, {"generate": g, "plan": p}
 
 
@@ -181,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         from .chat import main as chat_main
 
         return chat_main(rest, prog="hybrid-r1 chat")
+    if args.command == "serve":
+        from .server import main as serve_main
+
+        return serve_main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "generate":
