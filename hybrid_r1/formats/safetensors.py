@@ -36,6 +36,7 @@ DTYPES = {
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FP8_BLOCK = 128
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+MAX_HEADER = 100 << 20  # the safetensors library refuses longer headers too (its JSON is read whole)
 
 
 def _entry(e, data_size: int, file: str, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
@@ -95,6 +96,9 @@ class _Shard:
             if len(head) < 8:
                 raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)", file=str(path))
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CheckpointError(f"header length {n} is over {MAX_HEADER} bytes (the safetensors limit): "
+                                      "not a safetensors file?", file=str(path))
             if n > size - 8:
                 raise CheckpointError(f"header length {n} runs past the end of the file ({size} bytes)", file=str(path))
             try:

@@ -46,7 +46,8 @@ class GGMLExperts(nn.Module):
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
         self.threads = threads or ggml_lib.physical_cores()
         checks.integer("prefill_min_tokens", prefill_min_tokens, 1)
-        if prefill_device is not None and (not isinstance(prefill_device, str) or torch.device(prefill_device).type != "cuda"):
+        if prefill_device is not None and (not isinstance(prefill_device, (str, torch.device))
+                                           or torch.device(prefill_device).type != "cuda"):
             raise ValueError(f"prefill_device must be a CUDA device, got {prefill_device!r}")
         self.chunk_tokens, self.poll = chunk_tokens, poll
         self.prefill_device, self.prefill_min_tokens = prefill_device, prefill_min_tokens
