@@ -9,7 +9,6 @@ import sys
 import time
 
 from . import threads as threads_mod
-from .errors import HybridR1Error
 from .generate import Sampling, check_max_new_tokens
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
@@ -63,21 +62,21 @@ def plural(n: int, word: str) -> str:
 class LoadProgress:
     """A tqdm bar of tensors loaded, on stderr, only when stderr is a terminal (off in pipes, logs
     and tests). Its total is the model's tensor count as the loader counts (a module that loads
-    itself, such as a layer's experts, is one), so it ends at 100%; a GGUF file has no total."""
+    itself, such as a layer's experts, is one), so it ends at 100%."""
 
-    def __init__(self, path, stream=None):
+    def __init__(self, config, stream=None):
         self.stream = sys.stderr if stream is None else stream
         self.bar = None
         if not _isatty(self.stream):
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=_tensor_count(path), unit=" tensors", desc="loading", file=self.stream,
+        self.bar = tqdm(total=tensor_count(config), unit=" tensors", desc="loading", file=self.stream,
                         dynamic_ncols=True, leave=False)
 
     def __call__(self, done: int) -> None:
         if self.bar is not None:
-            if self.bar.total is not None and done > self.bar.total:
+            if done > self.bar.total:
                 self.bar.total = done
             self.bar.update(done - self.bar.n)
 
@@ -87,21 +86,10 @@ class LoadProgress:
             self.bar = None
 
 
-def _tensor_count(path) -> int | None:
-    """Tensors of the model a checkpoint folder describes (None for a GGUF file: its experts load as
-    groups, so a count would mislead)."""
-    from pathlib import Path
+def tensor_count(config) -> int:
+    """Tensors the loader fills for a model of `config` (built on the meta device: no memory)."""
+    from .loading import build
 
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    try:
-        from .config import ModelConfig
-        from .loading import build
-
-        module = build(ModelConfig.from_file(p))
-    except HybridR1Error:
-        return None  # load() reports the problem
     def count(m, root: bool) -> int:  # as loading.load_weights counts: a module that loads itself is one
         if not root and hasattr(m, "load_weights"):
             return 1
@@ -109,7 +97,7 @@ def _tensor_count(path) -> int | None:
         own += sum(b is not None for n, b in m._buffers.items() if n not in m._non_persistent_buffers_set)
         return own + sum(count(c, False) for c in m.children())
 
-    return count(module, True)
+    return count(build(config), True)
 
 
 def _isatty(stream) -> bool:
@@ -120,19 +108,21 @@ def _isatty(stream) -> bool:
 
 
 def load_model(path, *, info, threads: int | None = None, progress_stream=None, **load_kwargs):
-    """hybrid_r1.load with a progress bar, then the thread choice (printed through `info`), applied to
-    torch and to the model's ggml experts. Returns the Runtime."""
+    """hybrid_r1.load with a progress bar; the thread choice is printed through `info` first and
+    applied to torch before loading and to the model's ggml experts after. Returns the Runtime."""
     from . import load
+    from .loading import open_checkpoint
 
-    info(f"loading {path} ...")
+    config = open_checkpoint(path).config  # the headers only (memory-mapped); load() opens it again
+    choice = threads_mod.choose(config.hidden_size, threads)
+    info(f"loading {path} ({plural(config.num_hidden_layers, 'layer')}); {choice.describe()}")
+    threads_mod.apply(choice)
     t0 = time.perf_counter()
-    bar = LoadProgress(path, progress_stream)
+    bar = LoadProgress(config, progress_stream)
     try:
         runtime = load(path, progress=bar, **load_kwargs)
     finally:
         bar.close()
-    choice = threads_mod.choose(runtime.config.hidden_size, threads)
     threads_mod.apply(choice, runtime)
-    info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device} "
-         f"({plural(runtime.config.num_hidden_layers, 'layer')}); {choice.describe()}")
+    info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device}")
     return runtime

@@ -356,14 +356,15 @@ def test_repl_survives_bad_lines_and_settings(runtime, tmp_path):
     assert "cache 0 tokens (" in text  # /reset left nothing cached (no system prompt to keep)
 
 
-def test_generate_json_has_the_chat_shape(runtime, monkeypatch, capsys):
+def test_generate_json_has_the_chat_shape(runtime, demo_cache, monkeypatch, capsys):
     import hybrid_r1
     from hybrid_r1.cli import main
 
     monkeypatch.setattr(hybrid_r1, "load", lambda path, **kw: runtime)
-    assert main(["generate", "--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    model = str(demo_cache / "demo")
+    assert main(["generate", "--model", model, "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
     gen = json.loads(capsys.readouterr().out)
-    assert chat.main(["--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert chat.main(["--model", model, "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
     talk = json.loads(capsys.readouterr().out)
     assert set(gen) == set(talk) == {"text", "reasoning", "tokens", "stats"} and set(gen["stats"]) == set(talk["stats"])
     # the same prompt through the same template and seed: the same tokens, split the same way
@@ -377,8 +378,10 @@ def test_progress_bar_only_on_a_terminal(tiny_dir):
         def isatty(self):
             return True
 
+    from hybrid_r1.config import ModelConfig
+
     term = Terminal()
-    bar = LoadProgress(tiny_dir, term)
+    bar = LoadProgress(ModelConfig.from_file(tiny_dir), term)
     total = bar.bar.total
     import hybrid_r1
 
@@ -386,7 +389,7 @@ def test_progress_bar_only_on_a_terminal(tiny_dir):
     assert bar.bar.n == total > 0  # every tensor of the folder counted once: the bar ends at its total
     bar.close()
     assert "loading" in term.getvalue() and "tensors" in term.getvalue()
-    assert LoadProgress(tiny_dir, io.StringIO()).bar is None
+    assert LoadProgress(ModelConfig.from_file(tiny_dir), io.StringIO()).bar is None
 
 
 def test_synth_gguf_carries_the_tokenizer(tmp_path):
