@@ -13,21 +13,20 @@ import json
 import sys
 
 from .cli_support import check_threads_arg, quiet_broken_pipe, sampling_from_args
+from .conversation import check_text
 from .errors import HybridR1Error
 
 
 def _generate(args, sampling) -> int:
     import torch
 
-    from .chat_console import stats_line
+    from .chat_console import Console
     from .cli_support import load_model
     from .conversation import Reply, TextStream
 
-    def info(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
+    console = Console(sys.stdout, sys.stderr)  # the answer on stdout as the chat prints it, the rest on stderr
     pair = {"gguf": args.gguf} if args.gguf else {}
-    model = load_model(args.model or args.safetensor, info=info, threads=args.threads, device=args.device,
+    model = load_model(args.model or args.safetensor, info=console.info, threads=args.threads, device=args.device,
                        rules=args.rules, quantize=args.quantize,
                        dtype=getattr(torch, args.dtype) if args.dtype else None, **pair)
     tok = model.tokenizer
@@ -35,26 +34,11 @@ def _generate(args, sampling) -> int:
         print(f"error: {args.model or args.safetensor} has no tokenizer (no tokenizer.json beside it, none in its metadata)",
               file=sys.stderr)
         return 2
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        print(f"error: --prompt is not valid UTF-8 text ({e.reason} at character {e.start})", file=sys.stderr)
-        return 2
     if args.raw:
         ids = tok.encode(args.prompt, add_bos=True)
     else:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
-
-    class Printer:  # the answer on stdout as it comes; reasoning too (it is the model's text)
-        def notice(self, text: str) -> None:
-            info(f"[{text}]")
-
-        def reasoning(self, text: str) -> None:
-            print(text, end="", flush=True)
-
-        answer = reasoning
-
-    stream = TextStream(tok, tok.think_start_id in ids[-2:], None if args.json else Printer())
+    stream = TextStream(tok, tok.think_start_id in ids[-2:], None if args.json else console)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=sampling.temperature,
                          top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed, on_token=stream.feed)
     stream.close()
@@ -62,8 +46,7 @@ def _generate(args, sampling) -> int:
     if args.json:
         print(json.dumps(reply.to_json(), ensure_ascii=False))
     else:
-        print()
-        info(stats_line(out.stats))
+        console.end_reply(reply)
     return 130 if out.stats.stop_reason == "interrupted" else 0
 
 
@@ -195,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             g.error("give --model PATH, or --safetensor DIR with --gguf PATH")
         sampling = sampling_from_args(g, args)
         check_threads_arg(g, args.threads)
+        try:
+            check_text(args.prompt, "--prompt")
+        except HybridR1Error as e:
+            g.error(str(e))
         if args.rules and args.quantize:
             g.error("--rules and --quantize do not go together: with rules, the rules choose the operators")
     try:

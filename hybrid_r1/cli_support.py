@@ -9,7 +9,6 @@ import sys
 import time
 
 from . import threads as threads_mod
-from .errors import HybridR1Error
 from .generate import Sampling, check_max_new_tokens
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
@@ -65,7 +64,7 @@ class LoadProgress:
     and tests). The loader tells the total as it counts (an operator that loads itself, such as a
     layer's experts, is one), so the bar ends at 100%."""
 
-    def __init__(self, path, stream=None):
+    def __init__(self, stream=None):
         self.stream = sys.stderr if stream is None else stream
         self.bar = None
         if not _isatty(self.stream):
@@ -94,19 +93,21 @@ def _isatty(stream) -> bool:
 
 
 def load_model(path, *, info, threads: int | None = None, progress_stream=None, **load_kwargs):
-    """hybrid_r1.load with a progress bar, then the thread choice (printed through `info`), applied to
-    torch and to the model's ggml experts. Returns the Runtime."""
-    from . import load
+    """hybrid_r1.load with a progress bar; the thread choice is printed through `info` first and
+    applied to torch before loading and to the model's ggml experts after. Returns the Runtime."""
+    from .loading import load_source, open_checkpoint
 
-    info(f"loading {path} ...")
+    source = open_checkpoint(path, load_kwargs.pop("gguf", None))  # headers only; the weights stay mapped
+    config = source.config
+    choice = threads_mod.choose(config.hidden_size, threads)
+    info(f"loading {path} ({plural(config.num_hidden_layers, 'layer')}); {choice.describe()}")
+    threads_mod.apply(choice)
     t0 = time.perf_counter()
-    bar = LoadProgress(path, progress_stream)
+    bar = LoadProgress(progress_stream)
     try:
-        runtime = load(path, progress=bar, **load_kwargs)
+        runtime = load_source(source, progress=bar, **load_kwargs)
     finally:
         bar.close()
-    choice = threads_mod.choose(runtime.config.hidden_size, threads)
     threads_mod.apply(choice, runtime)
-    info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device} "
-         f"({plural(runtime.config.num_hidden_layers, 'layer')}); {choice.describe()}")
+    info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device}")
     return runtime

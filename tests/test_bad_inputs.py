@@ -107,6 +107,8 @@ def build_cases(tiny: Path, tiny_gguf: Path, tmp: Path) -> list[tuple[str, str, 
         ("threads 100000", "hybrid-r1", gen + ["--threads", "100000"], None, "--threads"),
         ("threads 2**31", "hybrid-r1", gen + ["--threads", str(2**31)], None, "--threads"),
         ("threads 0", "hybrid-r1", gen + ["--threads", "0"], None, "--threads"),
+        ("generate prompt surrogate", "hybrid-r1", ["generate", "--model", str(tiny), "--prompt", "\udcff"], None,
+         "--prompt"),
         ("rules with quantize", "hybrid-r1", gen + ["--rules", "x.yaml", "--quantize", "block"], None, "--quantize"),
         ("missing model", "hybrid-r1", ["generate", "--model", str(tmp / "nope"), "--prompt", "hi"], None,
          "does not exist"),
@@ -365,3 +367,25 @@ def test_gguf_metadata_types(tiny_gguf):
         with pytest.raises(ConfigError, match=message):
             config_from_metadata({**meta, key: value}, ne, source="x.gguf")
 
+
+
+def test_linked_shards_are_not_outside(tiny, tmp_path):
+    """A Hugging Face cache snapshot links its shards into a blobs folder elsewhere: that is fine;
+    only index names that leave the folder are refused."""
+    from hybrid_r1.errors import CheckpointError
+    from hybrid_r1.formats.safetensors import SafetensorsCheckpoint
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in tiny.iterdir():
+        shutil.copyfile(f, blobs / f.name)
+        (snap / f.name).symlink_to(blobs / f.name)
+    assert SafetensorsCheckpoint(snap).names() == SafetensorsCheckpoint(tiny).names()
+    idx = json.loads((tiny / "model.safetensors.index.json").read_text())
+    for bad in ("/etc/passwd", "sub/../../x.safetensors"):
+        (snap / "model.safetensors.index.json").unlink()
+        first = next(iter(idx["weight_map"]))
+        (snap / "model.safetensors.index.json").write_text(json.dumps({**idx, "weight_map": {first: bad}}))
+        with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+            SafetensorsCheckpoint(snap)

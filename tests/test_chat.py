@@ -272,10 +272,10 @@ def _chat(args: list[str], demo_cache: Path, stdin: str | None = None) -> subpro
 
 
 def test_prompt_prints_the_answer(runtime, demo_cache, monkeypatch, capsys):
-    import hybrid_r1
+    import hybrid_r1.loading
 
     loaded = []
-    monkeypatch.setattr(hybrid_r1, "load", lambda path, **kw: loaded.append((path, kw)) or runtime)
+    monkeypatch.setattr(hybrid_r1.loading, "load_source", lambda source, **kw: loaded.append((Path(source.path), kw)) or runtime)
     monkeypatch.setenv("HYBRID_R1_CACHE", str(demo_cache))
     assert chat.main(["--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
@@ -357,14 +357,15 @@ def test_repl_survives_bad_lines_and_settings(runtime, tmp_path):
     assert "cache 0 tokens (" in text  # /reset left nothing cached (no system prompt to keep)
 
 
-def test_generate_json_has_the_chat_shape(runtime, monkeypatch, capsys):
-    import hybrid_r1
+def test_generate_json_has_the_chat_shape(runtime, demo_cache, monkeypatch, capsys):
+    import hybrid_r1.loading
     from hybrid_r1.cli import main
 
-    monkeypatch.setattr(hybrid_r1, "load", lambda path, **kw: runtime)
-    assert main(["generate", "--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    monkeypatch.setattr(hybrid_r1.loading, "load_source", lambda source, **kw: runtime)
+    model = str(demo_cache / "demo")
+    assert main(["generate", "--model", model, "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
     gen = json.loads(capsys.readouterr().out)
-    assert chat.main(["--model", "x", "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert chat.main(["--model", model, "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--seed", "1"]) == 0
     talk = json.loads(capsys.readouterr().out)
     assert set(gen) == set(talk) == {"text", "reasoning", "tokens", "stats"} and set(gen["stats"]) == set(talk["stats"])
     # the same prompt through the same template and seed: the same tokens, split the same way
@@ -379,14 +380,14 @@ def test_progress_bar_only_on_a_terminal(tiny_dir):
             return True
 
     term = Terminal()
-    bar = LoadProgress(tiny_dir, term)
+    bar = LoadProgress(term)
     import hybrid_r1
 
     hybrid_r1.load(tiny_dir, device="cpu", progress=bar)
     assert bar.bar.n == bar.bar.total > 0  # every tensor of the folder counted once: the bar ends at its total
     bar.close()
     assert "loading" in term.getvalue() and "tensors" in term.getvalue()
-    assert LoadProgress(tiny_dir, io.StringIO()).bar is None
+    assert LoadProgress(io.StringIO()).bar is None
 
 
 def test_synth_gguf_carries_the_tokenizer(tmp_path):

@@ -41,3 +41,17 @@ def test_synth_help_names_the_command(capsys):
     with pytest.raises(SystemExit):
         main(["synth", "--help"])
     assert capsys.readouterr().out.startswith("usage: hybrid-r1 synth")
+
+
+def test_wording():
+    from hybrid_r1.chat_console import stats_line
+    from hybrid_r1.cli_support import plural
+    from hybrid_r1.generate import Stats
+    from hybrid_r1_merge_tools.cli import _mb
+
+    assert (plural(1, "layer"), plural(4, "layer")) == ("1 layer", "4 layers")
+    assert (_mb(0.3), _mb(12.345), _mb(1234.5)) == ("0.3", "12.3", "1234")  # a small shard is not "0 MB/s"
+    cut = Stats(prompt_tokens=5, prefill_s=0.4, stop_reason="interrupted")  # Ctrl-C during the prefill
+    assert cut.time_to_first_token_s is None and "first token none" in stats_line(cut)
+    done = Stats(prompt_tokens=5, prefilled_tokens=5, new_tokens=1, prefill_s=0.4, stop_reason="interrupted")
+    assert done.time_to_first_token_s == 0.4 and "first token 0.40 s" in stats_line(done)
