@@ -30,12 +30,13 @@ class LoadError(HybridR1Error, ValueError):
     """Arguments of `load` that do not fit together or name what this machine lacks."""
 
 
-def open_checkpoint(path: str | Path, gguf: str | Path | None = None) -> WeightSource:
+def open_checkpoint(path: str | Path, gguf: str | Path | None = None, config: str | Path | None = None) -> WeightSource:
     """The one entry from what a user passes to a reader: a folder of safetensors (with
     config.json), a merged folder (merge_tools merge), a GGUF file (any shard of a split set), or
     with `gguf` a safetensors folder whose routed experts come from that GGUF (file, first shard,
-    or a folder holding one set)."""
-    from .formats import merged
+    or a folder holding one set). A KTransformers merged folder loads as is; `config`: the folder
+    holding its config.json when it has none."""
+    from .formats import ktransformers, merged
 
     p = Path(path)
     if not p.exists():
@@ -46,7 +47,11 @@ def open_checkpoint(path: str | Path, gguf: str | Path | None = None) -> WeightS
                                   file=str(path))
         return merged.open_pair(p, open_gguf(gguf_file(gguf)))
     if p.is_dir():
-        return merged.open_merged(p) if merged.is_merged(p) else SafetensorsCheckpoint(p)
+        if merged.is_merged(p):
+            return merged.open_merged(p)
+        if ktransformers.is_ktransformers(p):
+            return ktransformers.open_ktransformers(p, config)
+        return SafetensorsCheckpoint(p)
     if p.suffix == ".gguf":
         return open_gguf(p)
     raise CheckpointError("not a checkpoint folder or a .gguf file", file=str(path))

@@ -44,10 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="merge_tools", description="Convert and inspect DeepSeek-V3/R1 checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     m = sub.add_parser("merge", help="INT8/FP8/BF16 safetensors + a GGUF's routed experts -> one merged folder")
-    m.add_argument("--safetensor", required=True, type=Path, metavar="DIR",
-                   help="Hugging Face DeepSeek-V3/R1 folder: Block-/Channel-INT8, the FP8 release or BF16 (required)")
-    m.add_argument("--gguf", required=True, type=Path, metavar="PATH",
-                   help="GGUF file, the first file of a split set, or a folder holding one set (required)")
+    m.add_argument("--safetensor", type=Path, metavar="DIR",
+                   help="Hugging Face DeepSeek-V3/R1 folder: Block-/Channel-INT8, the FP8 release or BF16 "
+                        "(required, unless --ktransformers)")
+    m.add_argument("--gguf", type=Path, metavar="PATH",
+                   help="GGUF file, the first file of a split set, or a folder holding one set "
+                        "(required, unless --ktransformers)")
+    m.add_argument("--ktransformers", type=Path, metavar="KT_DIR",
+                   help="convert a KTransformers merged folder instead (default: none)")
+    m.add_argument("--config", type=Path, metavar="DIR",
+                   help="with --ktransformers: the folder holding the model's config.json (default: KT_DIR)")
     m.add_argument("--output", required=True, type=Path, metavar="DIR",
                    help="folder to write (must not exist unless --force) (required)")
     m.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
@@ -102,15 +108,24 @@ def _bytes_bar(desc: str):
 
 
 def _merge(args) -> int:
-    from .merge import merge
+    from .merge import convert_ktransformers, merge
 
     if not (args.shard_gb > 0):
         print(f"error: --shard-gb must be > 0, got {args.shard_gb}", file=sys.stderr)
         return 2
+    if args.ktransformers is not None and (args.safetensor or args.gguf):
+        print("error: give --ktransformers KT_DIR, or --safetensor DIR with --gguf PATH, not both", file=sys.stderr)
+        return 2
+    if args.ktransformers is None and not (args.safetensor and args.gguf):
+        print("error: merge needs --safetensor DIR and --gguf PATH (or --ktransformers KT_DIR)", file=sys.stderr)
+        return 2
     update, close = _bytes_bar("merging")
+    kw = dict(force=args.force, resume=not args.no_resume, shard_bytes=int(args.shard_gb * 2**30), progress=update)
     try:
-        rep = merge(args.safetensor, args.gguf, args.output, force=args.force, resume=not args.no_resume,
-                    shard_bytes=int(args.shard_gb * 2**30), progress=update)
+        if args.ktransformers is not None:
+            rep = convert_ktransformers(args.ktransformers, args.config, args.output, **kw)
+        else:
+            rep = merge(args.safetensor, args.gguf, args.output, **kw)
     finally:
         close()
     types = Counter(t for layer in rep.expert_types.values() for t in layer.values())

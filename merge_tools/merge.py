@@ -77,13 +77,35 @@ def merge(safetensor_dir: str | Path, gguf_path: str | Path, output: str | Path,
     if diff:
         raise CheckpointError(f"{src / 'config.json'} and {gpath} describe different models: " + "; ".join(diff),
                               file=str(gpath))
+    return _merge(base, g, out, [src], force=force, resume=resume, shard_bytes=shard_bytes, progress=progress,
+                  untouched=f"{src} and {gpath}")
+
+
+def convert_ktransformers(kt_dir: str | Path, config_dir: str | Path | None, output: str | Path, *,
+                          force: bool = False, resume: bool = True, shard_bytes: int = 4 << 30,
+                          progress: Callable[[int, int], None] | None = None) -> MergeReport:
+    """A KTransformers merged folder (formats/ktransformers.py) -> our merged folder, bytes unchanged,
+    now with shapes, types, an index and a manifest."""
+    from hybrid_r1.formats.ktransformers import KTransformersCheckpoint
+
+    src, out = Path(kt_dir), Path(output)
+    _check_paths(src, out, force)
+    kt = KTransformersCheckpoint(src, config_dir)
+    folders = [src] + ([Path(config_dir)] if config_dir is not None else [])
+    return _merge(kt, kt, out, folders, force=force, resume=resume, shard_bytes=shard_bytes, progress=progress,
+                  untouched=str(src))
+
+
+def _merge(base, g, out: Path, folders: list[Path], *, force: bool, resume: bool, shard_bytes: int,
+           progress: Callable[[int, int], None] | None, untouched: str) -> MergeReport:
+    """`base`'s tensors but the routed experts, and `g`'s GGML experts, into the merged folder `out`."""
     plan, types = _plan(base, g, shard_bytes)
     total = sum(f.nbytes for f in plan)
     fingerprint = {"sources": _sources(base, g), "plan": [(f.name, [(s.name, s.nbytes) for s in f.specs]) for f in plan]}
     t0 = time.perf_counter()
     resumable = _take_resumable(out, fingerprint) if resume else None
     done_bytes, resumed = 0, 0
-    with staged_output(out, force=force, needed_bytes=total, untouched=f"{src} and {gpath}") as tmp:
+    with staged_output(out, force=force, needed_bytes=total, untouched=untouched) as tmp:
         journal = {"fingerprint": fingerprint, "done": {}}
         for f in plan:
             entry = _resumed(resumable, f, journal) if resumable else None
@@ -102,7 +124,7 @@ def merge(safetensor_dir: str | Path, gguf_path: str | Path, output: str | Path,
         weight_map = {s.name: f.name for f in plan for s in f.specs}
         write_index(tmp, weight_map, total)
         _write_config(base, tmp)
-        small = _copy_small_files(src, tmp)
+        small = [n for folder in folders for n in _copy_small_files(folder, tmp)]
         if "tokenizer.json" not in small:
             _tokenizer_from_gguf(g, tmp)
         files = dict(journal["done"])
@@ -129,7 +151,7 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} exists; pass --force to replace it", out)
 
 
-def _plan(base: SafetensorsCheckpoint, g, shard_bytes: int) -> tuple[list[_File], dict[int, dict[str, str]]]:
+def _plan(base, g, shard_bytes: int) -> tuple[list[_File], dict[int, dict[str, str]]]:
     from gguf import GGMLQuantizationType
 
     cfg = base.config
@@ -193,23 +215,22 @@ def _write(path: Path, f: _File, progress: Callable[[int], None]) -> dict:
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def _sources(base: SafetensorsCheckpoint, g) -> dict:
+def _sources(base, g) -> dict:
     """Each input file's size, modification time and header hash: what a resume compares."""
-    def describe(path: str, header_end: int) -> dict:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            head = fh.read(header_end)
-        return {"file": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "header_sha256": hashlib.sha256(head).hexdigest()}
+    def describe(files: list[tuple[str, int]]) -> list[dict]:
+        out = []
+        for path, header_end in files:
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                head = fh.read(header_end)
+            out.append({"file": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "header_sha256": hashlib.sha256(head).hexdigest()})
+        return out
 
-    shards = dict.fromkeys(base._where.values())
-    st_files = [describe(str(s.path), s.data_start) for s in shards]
-    gguf_files = []
-    for shard in g.shards:
-        starts = [int(t.data_offset) for t in shard.tensors]
-        gguf_files.append(describe(str(shard.path), min(starts) if starts else shard.path.stat().st_size))
-    return {"safetensor": {"path": str(base.root.resolve()), "files": st_files},
-            "gguf": {"path": str(Path(g.files[0]).resolve()), "files": gguf_files}}
+    sources = {"safetensor": {"path": str(Path(base.path).resolve()), "files": describe(base.source_files())}}
+    if g is not base:
+        sources["gguf"] = {"path": str(Path(g.files[0]).resolve()), "files": describe(g.source_files())}
+    return sources
 
 
 def _take_resumable(out: Path, fingerprint: dict) -> Path | None:
@@ -273,10 +294,10 @@ def _resumed(folder: Path, f: _File, journal: dict) -> dict | None:
     return old
 
 
-def _write_config(base: SafetensorsCheckpoint, tmp: Path) -> None:
+def _write_config(base, tmp: Path) -> None:
     """config.json as the folder's, with the quantization_config the loader expects for INT8
     (Meituan's Channel-INT8 config.json has none)."""
-    config = json.loads((base.root / "config.json").read_text())
+    config = json.loads(Path(base.config_file).read_text())
     scheme = scheme_of_kind(base.quantization())
     if scheme is not None and not config.get("quantization_config"):
         config["quantization_config"] = SCHEMES[scheme.name].quant_config()

@@ -204,3 +204,56 @@ def test_inspect_a_merged_folder(merged_q4, capsys):
     text = capsys.readouterr().out
     assert "merged folder" in text and "routed experts for CPU RAM" in text
     assert "layer 1: Q4_K/Q4_K/Q4_K" in text and "layer 2: Q4_K/Q4_K/Q6_K" in text  # llama.cpp's Q4_K_M down rule
+
+
+def _write_ktransformers(int8: Path, gguf: Path, out: Path) -> None:
+    """A folder as KTransformers' merge script writes it: GGUF-style names (old layout), the
+    safetensors' tensors as they are, each expert projection one 1-D uint8 blob + a 0-d int64
+    ggml_type, one shard per layer plus one for the rest, no index, no config.json, no MTP layer."""
+    from hybrid_r1.formats import names as N
+    from hybrid_r1.formats.safetensors_writer import write_file
+
+    st, g = SafetensorsCheckpoint(int8), GGUFCheckpoint(gguf)
+    cfg = st.config
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+    for name in st.names():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if layer is not None and int(layer) >= cfg.num_hidden_layers:
+            continue  # they drop the MTP layer
+        if M.routed_expert_layer(name) is not None:
+            continue
+        stem, suffix = name, None
+        for s in ("weight_scale_inv", "weight_scale"):
+            if name.endswith(s):
+                stem, suffix = name[: -len(s)] + "weight", s
+        (theirs,) = N.hf_to_gguf(stem, layout=N.OLD)
+        theirs = theirs if suffix is None else theirs[: -len("weight")] + suffix
+        shards.setdefault(-1 if layer is None else int(layer), {})[theirs] = st.raw(name)[0]
+    for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        for part, t in g.ggml_experts(layer).items():
+            blob = f"blk.{layer}.ffn_{part}_exps"
+            shards[layer][blob + ".weight"] = torch.from_numpy(t.data.reshape(-1).copy())
+            shards[layer][blob + ".ggml_type"] = torch.tensor(t.ggml_type)
+    out.mkdir()
+    for i, (_, tensors) in enumerate(sorted(shards.items())):
+        write_file(out / f"model-{i:05}-of-{len(shards) - 1:05}.safetensors", tensors)  # their off-by-one
+
+
+def test_ktransformers_folder_loads_as_is_and_converts(sources, tmp_path):
+    import shutil
+
+    _, _, int8, ggufs = sources
+    kt = tmp_path / "kt"
+    _write_ktransformers(int8, ggufs["Q4_K_M"], kt)
+    ids = random_ids(16, seed=4)
+    want = hybrid_r1.load(int8, gguf=ggufs["Q4_K_M"], device="cpu").logits(ids)
+    with pytest.raises(CheckpointError, match="carries no config.json: put the model's config.json there or pass --config"):
+        hybrid_r1.load(kt, device="cpu")
+    assert cli.main(["merge", "--ktransformers", str(kt), "--config", str(int8), "--output", str(tmp_path / "ours"),
+                     "--shard-gb", "0.001"]) == 0
+    assert verify(tmp_path / "ours") == []
+    assert torch.equal(hybrid_r1.load(tmp_path / "ours", device="cpu").logits(ids), want)
+    shutil.copyfile(int8 / "config.json", kt / "config.json")
+    model = hybrid_r1.load(kt, device="cpu")
+    assert {p.op for p in model.placements if p.op} == {"experts.ggml_cpu", "linear.int8_block"}
+    assert torch.equal(model.logits(ids), want)

@@ -314,6 +314,14 @@ class GGUFCheckpoint:
         view.flags.writeable = False  # operators read ggml blocks in place; nothing may write them
         return GGMLTensor(gguf_name, str(shard.path), int(t.tensor_type), tuple(int(x) for x in t.shape), view)
 
+    def source_files(self) -> list[tuple[str, int]]:
+        """(file, bytes before its first tensor's data) of every shard: what a copy tool fingerprints."""
+        out = []
+        for s in self.shards:
+            starts = [int(t.data_offset) for t in s.tensors]
+            out.append((str(s.path), min(starts) if starts else s.path.stat().st_size))
+        return out
+
     def byte_range(self, gguf_name: str) -> tuple[str, int, int]:
         """(file, offset, size) of a GGUF tensor's stored bytes: for tools that copy them unchanged."""
         shard, t = self._gguf(gguf_name)

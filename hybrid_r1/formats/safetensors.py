@@ -128,12 +128,13 @@ class _Shard:
 class SafetensorsCheckpoint:
     """A checkpoint folder: config.json plus safetensors shards. Implements WeightSource."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, config_file: str | Path | None = None):
         self.root = Path(path)
         self.path = str(path)
         if not self.root.is_dir():
             raise CheckpointError("checkpoint folder not found", file=self.path)
-        self.config = ModelConfig.from_file(self.root / "config.json")
+        self.config_file = Path(config_file) if config_file is not None else self.root / "config.json"
+        self.config = ModelConfig.from_file(self.config_file)
         self._quantization = _UNKNOWN
         index = self.root / "model.safetensors.index.json"
         self._where: dict[str, _Shard] = {}
@@ -191,6 +192,10 @@ class SafetensorsCheckpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._shard(name).entries[name][0]
+
+    def source_files(self) -> list[tuple[str, int]]:
+        """(file, header bytes) of every shard: what a copy tool fingerprints."""
+        return [(str(s.path), s.data_start) for s in dict.fromkeys(self._where.values())]
 
     def byte_range(self, name: str) -> tuple[str, int, int]:
         """(file, offset, size) of `name`'s stored bytes: for tools that copy them unchanged."""
