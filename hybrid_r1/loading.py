@@ -166,14 +166,18 @@ def load(path: str | Path, *, gguf: str | Path | None = None, rules=None, dtype:
     placement.default_rules(source): every module on one device in one dtype (CPU float32, or CUDA
     bfloat16), INT8 linears as stored, GGML routed experts on the CPU operator; quantize="block"|
     "channel" quantizes a BF16 or FP8 checkpoint's linears to INT8 while loading."""
+    rule_list = _checked_rules(rules, quantize)  # bad rules and devices fail before any file is opened
+    device, dtype = default_device_dtype(device, dtype)
+    return load_source(open_checkpoint(path, gguf), rules=rule_list, dtype=dtype, device=device,
+                       quantize=quantize, progress=progress)
+
+
+def _checked_rules(rules, quantize: str | None):
     if quantize not in (None, "block", "channel"):
         raise LoadError(f"quantize must be None, 'block' or 'channel', got {quantize!r}")
     if rules is not None and quantize is not None:
         raise LoadError("pass either rules or quantize: with rules, the rules choose the operators")
-    rule_list = placement.rules_from(rules) if rules is not None else None
-    device, dtype = default_device_dtype(device, dtype)
-    return load_source(open_checkpoint(path, gguf), rules=rule_list, dtype=dtype, device=device,
-                       quantize=quantize, progress=progress)
+    return placement.rules_from(rules) if rules is not None else None
 
 
 def load_source(source: WeightSource, *, rules=None, dtype: torch.dtype | None = None,
@@ -181,11 +185,7 @@ def load_source(source: WeightSource, *, rules=None, dtype: torch.dtype | None =
     """`load` for a reader already opened (open_checkpoint): the same steps, nothing read twice."""
     from .runtime import Runtime
 
-    if quantize not in (None, "block", "channel"):
-        raise LoadError(f"quantize must be None, 'block' or 'channel', got {quantize!r}")
-    if rules is not None and quantize is not None:
-        raise LoadError("pass either rules or quantize: with rules, the rules choose the operators")
-    rule_list = placement.rules_from(rules) if rules is not None else None
+    rule_list = _checked_rules(rules, quantize)
     device, dtype = default_device_dtype(device, dtype)
     if rule_list is None:
         rule_list = placement.default_rules(source, device, quantize)

@@ -239,6 +239,34 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+
+def _head(prefix: str, service) -> dict:
+    return {"id": prefix + uuid.uuid4().hex, "created": int(time.time()), "model": service.model_id,
+            "system_fingerprint": None}
+
+
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def _stream(events, run: Run) -> StreamingResponse:
+    return StreamingResponse(_guarded(events, run), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _guarded(events, run: Run):
+    """A stream's events; once its status line is sent, an error goes in the stream (as OpenAI
+    does); the run is closed however the stream ends."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield _sse(e.body())
+    except Exception as e:
+        log.exception("streaming failed")
+        yield _sse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
+    finally:
+        run.close()
+
 def create_app(service: Service):
     """The FastAPI application serving `service`; its shutdown stops the engine."""
 
@@ -303,12 +331,9 @@ def create_app(service: Service):
                             inline=inline, stops=req.stop_strings(),
                             tools=bool(req.tools) and req.tool_choice != "none")
         run = Run(service.engine, request, ids, service.params(req, max_new))
-        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": service.model_id,
-                "system_fingerprint": None}
+        head = _head("chatcmpl-", service)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chat_events(service, run, output, head, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _stream(_chat_events(service, run, output, head, _include_usage(req)), run)
         gen = await _collect(run, output)
         message = {"role": "assistant", "content": "".join(output.content_parts) or (None if output.tool_calls else "")}
         if not inline:
@@ -328,12 +353,9 @@ def create_app(service: Service):
         max_new = service.budget(len(ids), req.max_tokens, "prompt")
         output = CompletionOutput(service.tokenizer, req.stop_strings())
         run = Run(service.engine, request, ids, service.params(req, max_new))
-        head = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": service.model_id,
-                "system_fingerprint": None}
+        head = _head("cmpl-", service)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_completion_events(service, run, output, head, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _stream(_completion_events(service, run, output, head, _include_usage(req)), run)
         gen = await _collect(run, output)
         body = {**head, "object": "text_completion",
                 "choices": [{"index": 0, "text": "".join(output.text), "logprobs": None,
@@ -368,29 +390,21 @@ async def _chat_events(service: Service, run: Run, output: ChatOutput, head: dic
         return _sse({**head, "object": "chat.completion.chunk",
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for token in run.tokens():
-            delta = output.feed(token)
-            if output.stopped:
-                run.job.cancel()
-            if delta:
-                yield chunk(delta)
-        gen = run.result()
-        if delta := output.close():
+    yield chunk({"role": "assistant", "content": ""})
+    async for token in run.tokens():
+        delta = output.feed(token)
+        if output.stopped:
+            run.job.cancel()
+        if delta:
             yield chunk(delta)
-        yield chunk({}, _finish_reason(gen, output.stopped, bool(output.tool_calls)), timings=timings(gen))
-        if include_usage:
-            yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
-                        "usage": service.usage(gen, output.reasoning_tokens)})
-        yield "data: [DONE]\n\n"
-    except APIError as e:  # the status line is sent: the error goes in the stream, as OpenAI does
-        yield _sse(e.body())
-    except Exception as e:
-        log.exception("streaming failed")
-        yield _sse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
-    finally:
-        run.close()
+    gen = run.result()
+    if delta := output.close():
+        yield chunk(delta)
+    yield chunk({}, _finish_reason(gen, output.stopped, bool(output.tool_calls)), timings=timings(gen))
+    if include_usage:
+        yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
+                    "usage": service.usage(gen, output.reasoning_tokens)})
+    yield "data: [DONE]\n\n"
 
 
 async def _completion_events(service: Service, run: Run, output: CompletionOutput, head: dict, include_usage: bool):
@@ -398,25 +412,17 @@ async def _completion_events(service: Service, run: Run, output: CompletionOutpu
         return _sse({**head, "object": "text_completion",
                      "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra})
 
-    try:
-        async for token in run.tokens():
-            text = output.feed(token)
-            if output.stopped:
-                run.job.cancel()
-            if text:
-                yield chunk(text)
-        gen = run.result()
-        yield chunk(output.close(), _finish_reason(gen, output.stopped), timings=timings(gen))
-        if include_usage:
-            yield _sse({**head, "object": "text_completion", "choices": [], "usage": service.usage(gen)})
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        yield _sse(e.body())
-    except Exception as e:
-        log.exception("streaming failed")
-        yield _sse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
-    finally:
-        run.close()
+    async for token in run.tokens():
+        text = output.feed(token)
+        if output.stopped:
+            run.job.cancel()
+        if text:
+            yield chunk(text)
+    gen = run.result()
+    yield chunk(output.close(), _finish_reason(gen, output.stopped), timings=timings(gen))
+    if include_usage:
+        yield _sse({**head, "object": "text_completion", "choices": [], "usage": service.usage(gen)})
+    yield "data: [DONE]\n\n"
 
 
 # ---- the command line --------------------------------------------------------------------------

