@@ -191,8 +191,9 @@ def moe_gemm(a, a_s, w, w_s, routing: MoeRouting, *, scheme: str, glu: bool, per
     if a.dim() != 2 or tuple(a.shape) != (want_rows, K) or a.stride(1) != 1:
         raise ValueError(f"activation must be [{want_rows}, {K}] with contiguous rows, got {tuple(a.shape)}")
     if scheme == "bf16":
-        if not a.is_floating_point() or a_s is not None:
-            raise ValueError("scheme bf16 takes a float activation and no scales")
+        if a.dtype != w.dtype or a_s is not None:
+            raise ValueError(f"scheme bf16 takes an activation in the weights' dtype {w.dtype} and no "
+                             f"scales, got {a.dtype}")
     else:
         n_sc = triton.cdiv(K, SCALE_BLOCK) if scheme == "block" else 1
         if a.dtype != torch.int8 or a_s is None or a_s.dtype != torch.float32 or \
