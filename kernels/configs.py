@@ -1,10 +1,12 @@
-"""Tile configs for the INT8 GEMM: tuned tables per GPU arch in configs/int8_<scheme>_<arch>.json
-(written by benchmarks/tune_int8.py), looked up by (N, K, gate_up fusion, M bucket); a heuristic
-default where no table or shape matches. Nothing is tuned at run time, so the first call of a shape
-compiles one kernel instead of running an autotune sweep.
+"""Tile configs for the INT8 GEMM and the fused MoE: tuned tables per GPU arch, looked up by shape
+and M bucket; a heuristic default where no table or shape matches. Nothing is tuned at run time, so
+the first call of a shape compiles one kernel instead of running an autotune sweep.
 
+  linears    configs/int8_<scheme>_<arch>.json  key "N,K" or "glu,N,K"   (benchmarks/tune_int8.py)
+  fused MoE  configs/moe_<scheme>_<arch>.json   key "E,N,K" or "glu,E,N,K", M = tokens
+                                                 (benchmarks/tune_fused_moe.py; scheme bf16 too)
 File format: {"meta": {...who tuned, where}, "configs": {"<key>": {"<M bucket>": {config}}}} with
-key "N,K" or "glu,N,K" (N = output columns) and each config the fields of GemmConfig.
+N = output columns and each config the fields of GemmConfig.
 """
 
 from __future__ import annotations
@@ -57,17 +59,33 @@ def arch_of(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _file_table(scheme: str, arch: str) -> dict:
-    path = CONFIG_DIR / f"int8_{scheme}_{arch}.json"
+def _file_table(stem: str, arch: str) -> dict:
+    path = CONFIG_DIR / f"{stem}_{arch}.json"
     if not path.is_file():
         return {}
     return json.loads(path.read_text())["configs"]
 
 
-def register_configs(scheme: str, arch: str, table: dict) -> None:
-    """Use `table` ({"configs": ...} or the inner mapping) ahead of the shipped file for this process."""
-    _extra[(scheme, arch)] = table.get("configs", table)
+def register_configs(scheme: str, arch: str, table: dict, family: str = "int8") -> None:
+    """Use `table` ({"configs": ...} or the inner mapping) ahead of the shipped file
+    configs/<family>_<scheme>_<arch>.json for this process (family "int8" or "moe")."""
+    _extra[(f"{family}_{scheme}", arch)] = table.get("configs", table)
     _lookup.cache_clear()
+    _moe_lookup.cache_clear()
+
+
+def _from_table(stem: str, arch: str, key: str, bucket: int) -> GemmConfig | None:
+    for table in (_extra.get((stem, arch), {}), _file_table(stem, arch)):
+        entry = table.get(key)
+        if entry:
+            buckets = sorted(int(b) for b in entry)
+            b = next((x for x in buckets if x >= bucket), buckets[-1])
+            return GemmConfig.from_dict(entry[str(b)])
+    return None
+
+
+def _stages(smem: int, stage_bytes: int) -> int:
+    return max(2, min(4, (smem - 8192) // stage_bytes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,8 +112,7 @@ def default_config(scheme: str, N: int, K: int, M: int, glu: bool, device: torch
         bm, bn, bk, warps = 128, 128, 128, 8  # 8 warps: with 4, acc + dot tile spill
     else:
         bm, bn, bk, warps = 128, 256, 128, 8
-    stage_bytes = bm * bk + bn * bk * (2 if glu else 1)
-    stages = max(2, min(4, (smem - 8192) // stage_bytes))
+    stages = _stages(smem, bm * bk + bn * bk * (2 if glu else 1))
     split = 1
     tiles = -(-M // bm) * -(-N // bn)
     if tiles < sms:
@@ -108,18 +125,55 @@ def default_config(scheme: str, N: int, K: int, M: int, glu: bool, device: torch
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(scheme: str, N: int, K: int, bucket: int, glu: bool, device: torch.device) -> GemmConfig:
-    arch = arch_of(device)
-    key = shape_key(N, K, glu)
-    for table in (_extra.get((scheme, arch), {}), _file_table(scheme, arch)):
-        entry = table.get(key)
-        if entry:
-            buckets = sorted(int(b) for b in entry)
-            b = next((x for x in buckets if x >= bucket), buckets[-1])
-            return GemmConfig.from_dict(entry[str(b)])
-    return default_config(scheme, N, K, bucket, glu, device)
+    found = _from_table(f"int8_{scheme}", arch_of(device), shape_key(N, K, glu), bucket)
+    return found or default_config(scheme, N, K, bucket, glu, device)
 
 
 def get_config(scheme: str, N: int, K: int, M: int, glu: bool, device: torch.device) -> GemmConfig:
     if scheme not in ("block", "channel"):
         raise ValueError(f"scheme must be 'block' or 'channel', got {scheme!r}")
     return _lookup(scheme, N, K, m_bucket(M), glu, device)
+
+
+# ------------------------------------------------------------------------- fused MoE -----
+
+MOE_SCHEMES = ("block", "channel", "bf16")
+
+
+def moe_shape_key(E: int, N: int, K: int, glu: bool) -> str:
+    return f"glu,{E},{N},{K}" if glu else f"{E},{N},{K}"
+
+
+def default_moe_config(scheme: str, E: int, N: int, K: int, M: int, top_k: int, glu: bool,
+                       device: torch.device) -> GemmConfig:
+    """Heuristic where no tuned table matches, sized by the mean rows per expert (M * top_k / E):
+    thin row tiles while most experts see a handful of tokens (decode), square tiles once each
+    expert's weight tile is reused by many rows."""
+    _, smem = device_limits(device)
+    rows = -(-M * top_k // E)
+    elt = 2 if scheme == "bf16" else 1
+    if rows <= 16:
+        bm, bn, warps, group = 16, 64, 4, 1
+    elif rows <= 32:
+        bm, bn, warps, group = 32, 64, 4, 1
+    elif rows <= 64:
+        bm, bn, warps, group = 64, 64, 4, 8
+    else:
+        bm, bn, warps, group = (64 if scheme == "block" else 128), 128, 8, 8
+    bk = 128 if scheme == "block" or elt == 1 else 64
+    stages = _stages(smem, (bm * bk + bn * bk * (2 if glu else 1)) * elt)
+    return GemmConfig(bm, bn, bk, group, 1, warps, stages, False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _moe_lookup(scheme, E, N, K, bucket, top_k, glu, device) -> GemmConfig:
+    found = _from_table(f"moe_{scheme}", arch_of(device), moe_shape_key(E, N, K, glu), bucket)
+    return found or default_moe_config(scheme, E, N, K, bucket, top_k, glu, device)
+
+
+def get_moe_config(scheme: str, E: int, N: int, K: int, M: int, top_k: int, glu: bool,
+                   device: torch.device) -> GemmConfig:
+    """Config of one fused-MoE projection: E experts, N output columns, K inputs, M tokens."""
+    if scheme not in MOE_SCHEMES:
+        raise ValueError(f"scheme must be one of {MOE_SCHEMES}, got {scheme!r}")
+    return _moe_lookup(scheme, E, N, K, m_bucket(M), top_k, glu, device)

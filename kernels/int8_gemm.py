@@ -1,18 +1,21 @@
-"""W8A8 INT8 GEMM (Triton), block-wise and channel-wise scales, one kernel.
+"""W8A8 INT8 GEMM (Triton), block-wise and channel-wise scales: two kernels on shared helpers
+(int8_tiles.py), picked by whether A arrives quantized.
 
   block:   acc_f32 += dot(a_i8, b_i8)_i32 * a_s[m, kt] * w_s[n // 128, kt]   per K tile of 128
   channel: acc_i32 += dot(a_i8, b_i8) over all K; out = acc * a_s[m] * w_s[n]
-Options, all compile-time:
-  QUANT_A  A arrives as bf16/fp16/fp32 and is quantized in registers (per 128-group for block, per
-           token for channel after an amax pre-pass over the row): no separate launch, no int8 A in
-           memory. Every N tile re-quantizes A, so it pays only with few N tiles (kv_a at M = 1 on
-           the H100); the tuner decides per shape (GemmConfig.FUSED).
+_int8_gemm_kernel          the tiled GEMM: A int8 with its scales; PAIRED (block, no GLU): two K
+                           tiles a step.
+_int8_gemm_quant_a_kernel  the decode GEMM: A bf16/fp16/fp32, quantized in registers (per 128-group
+                           for block, one K tile ahead, only the distinct rows; per token for channel
+                           after an amax pre-pass over the row): no separate launch, no int8 A in
+                           memory. Every N tile re-quantizes A, so it pays only with few N tiles (kv_a
+                           at M = 1 on the H100); the tuner decides per shape (GemmConfig.FUSED).
+Options of both, compile-time:
   SPLIT_K  programs along grid axis 1 each take a K range and write a partial tile; the last one to
            finish a tile sums them (splitk.py), so split-K stays one launch.
   GLU      W is [2N, K] = cat(gate, up); the epilogue writes silu(gate) * up, [M, N].
 Layouts: a [M, K] (row stride free, K contiguous); w [N, K] contiguous (nn.Linear); block a_s
-[M, ceil(K/128)], w_s [ceil(N/128), ceil(K/128)]; channel a_s [M, 1], w_s [N, 1] or [N]; all fp32.
-"""
+[M, ceil(K/128)], w_s [ceil(N/128), ceil(K/128)]; channel a_s [M, 1], w_s [N, 1] or [N]; all fp32."""
 
 from __future__ import annotations
 
@@ -22,17 +25,9 @@ import triton.language as tl
 
 from .act_quant import _quant, _scale, check_rounding
 from .configs import GemmConfig, get_config
-from .splitk import _i32_to_f32, store_tile, workspace
-
-SCALE_BLOCK = 128  # block format: weight tile side and activation group
-
-
-@triton.jit
-def _scaled(d, a_sc, b_sc, SCALAR_BS: tl.constexpr):
-    if SCALAR_BS:
-        return _i32_to_f32(d) * (a_sc * b_sc)[:, None]  # one FMA per element with the +=
-    else:
-        return _i32_to_f32(d) * a_sc[:, None] * b_sc[None, :]
+from .int8_tiles import (SCALE_BLOCK, channel_scales, check_block_k, grouped_tile, k_tiles, load_k,
+                         mma_glu, tiled_mma, weight_ptrs)
+from .splitk import store_tile, workspace
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -42,140 +37,103 @@ def _int8_gemm_kernel(
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     up_row, up_srow,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, A_ROWS: tl.constexpr,
-    BLOCK_SCALE: tl.constexpr, QUANT_A: tl.constexpr, TRUNC: tl.constexpr, GLU: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_SCALE: tl.constexpr, GLU: tl.constexpr,
     PAIRED: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
-    pid = tl.program_id(0)
+    """The tiled GEMM: A int8, quantized beforehand, with its scales."""
+    pid_m, pid_n, grid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    gsize = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M  # wrapped: loads stay in bounds unmasked; the store drops the extra rows/cols
+    rn = offs_n % N
+    SCALAR_BS: tl.constexpr = BLOCK_N <= 128
+    b_cols, b_cols_up, bs_rows, bs_rows_up = weight_ptrs(b_ptr, b_s_ptr, pid_n, rn, stride_bn, stride_bsn,
+                                                         up_row, up_srow, BLOCK_N, SCALAR_BS)
+    kt0, kt1, n_kt = k_tiles(K, split_k, pid_k, BLOCK_K)
+    as_rows = a_s_ptr + rm * stride_asm
+    a_tok = tl.zeros([BLOCK_M], dtype=tl.float32)  # per-token scale (channel only)
+    if BLOCK_SCALE:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        a_tok = tl.load(as_rows)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc, acc_up = tiled_mma(acc, tl.zeros_like(acc), a_ptr + rm[:, None] * stride_am, as_rows,
+                            b_cols, b_cols_up, bs_rows, bs_rows_up, kt0, kt1, n_kt, K,
+                            BLOCK_K, EVEN_K, BLOCK_SCALE, SCALAR_BS, GLU, PAIRED)
+    w_sc, w_sc_up = channel_scales(b_s_ptr, rn, stride_bsn, up_srow, BLOCK_N, BLOCK_SCALE, GLU)
+    store_tile(acc, acc_up, a_tok, w_sc, w_sc_up, offs_m, offs_n, M, N, c_ptr, stride_cm,
+               ws_ptr, lock_ptr, pid_m * grid_n + pid_n, pid_k, split_k, USE_SPLIT, BLOCK_SCALE, GLU)
 
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _int8_gemm_quant_a_kernel(
+    a_ptr, b_ptr, b_s_ptr, c_ptr, ws_ptr, lock_ptr,
+    M, N, K, split_k,
+    stride_am, stride_bn, stride_bsn, stride_cm,
+    up_row, up_srow,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, A_ROWS: tl.constexpr,
+    BLOCK_SCALE: tl.constexpr, TRUNC: tl.constexpr, GLU: tl.constexpr,
+):
+    """The decode GEMM: A float, quantized in registers (per 128-group for block, per token for
+    channel after an amax pre-pass over the row)."""
+    pid_m, pid_n, grid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = offs_m % M  # wrapped: loads stay in bounds unmasked; the store drops the extra rows/cols
     rn = offs_n % N
     rk = tl.arange(0, BLOCK_K)
-    a_rows = a_ptr + rm[:, None] * stride_am
-    b_cols = b_ptr + rn[None, :] * stride_bn
-    b_cols_up = b_ptr + (rn + up_row)[None, :] * stride_bn
-    # A tile of at most 128 columns sits inside one 128-row scale block: one scale per K tile.
     SCALAR_BS: tl.constexpr = BLOCK_N <= 128
-    if SCALAR_BS:
-        bs_rows = b_s_ptr + (pid_n * BLOCK_N // 128) * stride_bsn
-        bs_rows_up = b_s_ptr + (pid_n * BLOCK_N // 128 + up_srow) * stride_bsn
-    else:
-        bs_rows = b_s_ptr + (rn // 128) * stride_bsn
-        bs_rows_up = b_s_ptr + (rn // 128 + up_srow) * stride_bsn
-
-    n_kt = tl.cdiv(K, BLOCK_K)
-    kt_per = tl.cdiv(n_kt, split_k)
-    kt0 = pid_k * kt_per
-    kt1 = tl.minimum(kt0 + kt_per, n_kt)
-
+    b_cols, b_cols_up, bs_rows, bs_rows_up = weight_ptrs(b_ptr, b_s_ptr, pid_n, rn, stride_bn, stride_bsn,
+                                                         up_row, up_srow, BLOCK_N, SCALAR_BS)
+    kt0, kt1, n_kt = k_tiles(K, split_k, pid_k, BLOCK_K)
+    a_rows = a_ptr + rm[:, None] * stride_am
     a_tok = tl.zeros([BLOCK_M], dtype=tl.float32)  # per-token scale (channel only)
-    if not BLOCK_SCALE:
-        if QUANT_A:
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + rk
-                x = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            a_tok = _scale(amax)
-        else:
-            a_tok = tl.load(a_s_ptr + rm * stride_asm)
-
     if BLOCK_SCALE:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_up = tl.zeros_like(acc)
 
-    # Block scheme, A quantized here: only the A_ROWS distinct rows (all of them when M fills the
-    # tile) are read and quantized, one K tile ahead of use, because Triton does not pipeline loads
-    # that feed anything but a dot, and padding M = 1 to 16 rows would quantize 16 copies.
-    GROUP_QUANT: tl.constexpr = QUANT_A and BLOCK_SCALE
-    k_end = tl.minimum(K, kt1 * BLOCK_K)
-    a_rows_c = a_ptr + ((pid_m * BLOCK_M + tl.arange(0, A_ROWS)) % M)[:, None] * stride_am
-    a_next = tl.zeros([A_ROWS, BLOCK_K], dtype=a_ptr.dtype.element_ty)
-    if GROUP_QUANT:
+    if BLOCK_SCALE:
+        # Only the A_ROWS distinct rows (all of them when M fills the tile) are read and quantized,
+        # one K tile ahead of use, because Triton does not pipeline loads that feed anything but a
+        # dot, and padding M = 1 to 16 rows would quantize 16 copies.
+        k_end = tl.minimum(K, kt1 * BLOCK_K)
+        a_rows_c = a_ptr + ((pid_m * BLOCK_M + tl.arange(0, A_ROWS)) % M)[:, None] * stride_am
         k = kt0 * BLOCK_K + rk
         a_next = tl.load(a_rows_c + k[None, :], mask=k[None, :] < k_end, other=0.0)
-
-    # PAIRED (block scales, A quantized beforehand, no GLU): two K tiles a step, both dots issued
-    # before either is scaled, so the second can run on the tensor cores while the first's int32
-    # result is converted and scaled (on Hopper each dot otherwise drains before its scaling).
-    if PAIRED:
-        for kt in range(kt0, kt1, 2):
-            k = kt * BLOCK_K + rk
-            k2 = k + BLOCK_K
-            kt2 = tl.minimum(kt + 1, n_kt - 1)  # in bounds; its dot is all zeros past kt1
-            if EVEN_K:
-                a0 = tl.load(a_rows + k[None, :])
-                b0 = tl.load(b_cols + k[:, None])
-            else:
-                a0 = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
-                b0 = tl.load(b_cols + k[:, None], mask=k[:, None] < K, other=0)
-            a1 = tl.load(a_rows + k2[None, :], mask=k2[None, :] < k_end, other=0)
-            b1 = tl.load(b_cols + k2[:, None], mask=k2[:, None] < k_end, other=0)
-            d0 = tl.dot(a0, b0, out_dtype=tl.int32)
-            d1 = tl.dot(a1, b1, out_dtype=tl.int32)
-            acc += _scaled(d0, tl.load(a_s_ptr + rm * stride_asm + kt), tl.load(bs_rows + kt), SCALAR_BS)
-            acc += _scaled(d1, tl.load(a_s_ptr + rm * stride_asm + kt2), tl.load(bs_rows + kt2), SCALAR_BS)
-
-    if not PAIRED:
         for kt in range(kt0, kt1):
             k = kt * BLOCK_K + rk
-            if EVEN_K:
-                b = tl.load(b_cols + k[:, None])
-            else:
-                b = tl.load(b_cols + k[:, None], mask=k[:, None] < K, other=0)
-            if GROUP_QUANT:
-                af = a_next.to(tl.float32)
-                a_next = tl.load(a_rows_c + (k + BLOCK_K)[None, :], mask=(k + BLOCK_K)[None, :] < k_end,
-                                 other=0.0)
-                a_sc = _scale(tl.max(tl.abs(af), axis=1))  # the K tile is the 128-group
-                a = _quant(af, a_sc, TRUNC)
-                if A_ROWS < BLOCK_M:  # tile row r holds row r % A_ROWS: exact for the rows r < M kept
-                    a = tl.reshape(tl.broadcast_to(a[None, :, :], [BLOCK_M // A_ROWS, A_ROWS, BLOCK_K]),
-                                   [BLOCK_M, BLOCK_K])
-                    a_sc = tl.reshape(tl.broadcast_to(a_sc[None, :], [BLOCK_M // A_ROWS, A_ROWS]), [BLOCK_M])
-            elif EVEN_K:
-                a = tl.load(a_rows + k[None, :])
-            else:
-                a = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0)
-            if QUANT_A and not BLOCK_SCALE:
-                a_sc = a_tok
-                a = _quant(a.to(tl.float32), a_sc, TRUNC)
-            elif not QUANT_A and BLOCK_SCALE:
-                a_sc = tl.load(a_s_ptr + rm * stride_asm + kt)
-            if BLOCK_SCALE:
-                acc += _scaled(tl.dot(a, b, out_dtype=tl.int32), a_sc, tl.load(bs_rows + kt), SCALAR_BS)
-            else:
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            if GLU:
-                if EVEN_K:
-                    bu = tl.load(b_cols_up + k[:, None])
-                else:
-                    bu = tl.load(b_cols_up + k[:, None], mask=k[:, None] < K, other=0)
-                if BLOCK_SCALE:
-                    acc_up += _scaled(tl.dot(a, bu, out_dtype=tl.int32), a_sc, tl.load(bs_rows_up + kt), SCALAR_BS)
-                else:
-                    acc_up = tl.dot(a, bu, acc_up, out_dtype=tl.int32)
+            b = load_k(b_cols, k[:, None], K, EVEN_K)
+            af = a_next.to(tl.float32)
+            a_next = tl.load(a_rows_c + (k + BLOCK_K)[None, :], mask=(k + BLOCK_K)[None, :] < k_end,
+                             other=0.0)
+            a_sc = _scale(tl.max(tl.abs(af), axis=1))  # the K tile is the 128-group
+            a = _quant(af, a_sc, TRUNC)
+            if A_ROWS < BLOCK_M:  # tile row r holds row r % A_ROWS: exact for the rows r < M kept
+                a = tl.reshape(tl.broadcast_to(a[None, :, :], [BLOCK_M // A_ROWS, A_ROWS, BLOCK_K]),
+                               [BLOCK_M, BLOCK_K])
+                a_sc = tl.reshape(tl.broadcast_to(a_sc[None, :], [BLOCK_M // A_ROWS, A_ROWS]), [BLOCK_M])
+            acc, acc_up = mma_glu(acc, acc_up, a, a_sc, b, b_cols_up, bs_rows, bs_rows_up, k, kt, K,
+                                  EVEN_K, True, SCALAR_BS, GLU)
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + rk
+            x = tl.load(a_rows + k[None, :], mask=k[None, :] < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        a_tok = _scale(amax)
+        for kt in range(kt0, kt1):
+            k = kt * BLOCK_K + rk
+            b = load_k(b_cols, k[:, None], K, EVEN_K)
+            a = _quant(load_k(a_rows, k[None, :], K, EVEN_K).to(tl.float32), a_tok, TRUNC)
+            acc, acc_up = mma_glu(acc, acc_up, a, a_tok, b, b_cols_up, bs_rows, bs_rows_up, k, kt, K,
+                                  EVEN_K, False, SCALAR_BS, GLU)
 
-    w_sc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    w_sc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if not BLOCK_SCALE:
-        w_sc = tl.load(b_s_ptr + rn * stride_bsn)
-        if GLU:
-            w_sc_up = tl.load(b_s_ptr + (rn + up_srow) * stride_bsn)
-
+    w_sc, w_sc_up = channel_scales(b_s_ptr, rn, stride_bsn, up_srow, BLOCK_N, BLOCK_SCALE, GLU)
     store_tile(acc, acc_up, a_tok, w_sc, w_sc_up, offs_m, offs_n, M, N, c_ptr, stride_cm,
                ws_ptr, lock_ptr, pid_m * grid_n + pid_n, pid_k, split_k, USE_SPLIT, BLOCK_SCALE, GLU)
 
@@ -242,26 +200,28 @@ def int8_gemm(
         return c
     cfg = config or get_config("block" if block_scale else "channel", N, K, M, glu, a.device)
     w_s2 = w_s.reshape(w_s.shape[0], -1) if block_scale else w_s.reshape(-1)
-    if block_scale and cfg.BLOCK_K != SCALE_BLOCK:
-        raise ValueError(f"block scales need BLOCK_K == {SCALE_BLOCK}, got {cfg.BLOCK_K}")
+    check_block_k(block_scale, cfg.BLOCK_K)
     grid_mn = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     split = max(1, min(cfg.SPLIT_K, triton.cdiv(K, cfg.BLOCK_K)))
     ws, locks = workspace(split, grid_mn, M, N, glu, block_scale, a.device)
-    paired = cfg.PAIRED and block_scale and not quant_a and not glu
-    a_s_arg = a_s if a_s is not None else c  # unused when quantizing in the kernel
-    _int8_gemm_kernel[(grid_mn, split)](
-        a, a_s_arg, w, w_s2, c, ws if ws is not None else c, locks if locks is not None else c,
-        M, N, K, split,
-        a.stride(0), a_s.stride(0) if a_s is not None else 0, w.stride(0),
-        w_s2.stride(0), c.stride(0),
-        N if glu else 0, (w_s2.shape[0] // 2 if block_scale else N) if glu else 0,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        EVEN_K=K % cfg.BLOCK_K == 0, USE_SPLIT=split > 1,
-        A_ROWS=min(triton.next_power_of_2(M), cfg.BLOCK_M) if M <= cfg.BLOCK_M else cfg.BLOCK_M,
-        BLOCK_SCALE=block_scale, QUANT_A=quant_a, TRUNC=trunc, GLU=glu,
-        PAIRED=paired,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ws = ws if ws is not None else c  # unused without split-K
+    locks = locks if locks is not None else c
+    up_row = N if glu else 0
+    up_srow = (w_s2.shape[0] // 2 if block_scale else N) if glu else 0
+    common = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+                  EVEN_K=K % cfg.BLOCK_K == 0, USE_SPLIT=split > 1, BLOCK_SCALE=block_scale, GLU=glu,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if quant_a:
+        a_rows = min(triton.next_power_of_2(M), cfg.BLOCK_M) if M <= cfg.BLOCK_M else cfg.BLOCK_M
+        _int8_gemm_quant_a_kernel[(grid_mn, split)](
+            a, w, w_s2, c, ws, locks, M, N, K, split,
+            a.stride(0), w.stride(0), w_s2.stride(0), c.stride(0), up_row, up_srow,
+            A_ROWS=a_rows, TRUNC=trunc, **common)
+    else:
+        _int8_gemm_kernel[(grid_mn, split)](
+            a, a_s, w, w_s2, c, ws, locks, M, N, K, split,
+            a.stride(0), a_s.stride(0), w.stride(0), w_s2.stride(0), c.stride(0), up_row, up_srow,
+            PAIRED=cfg.PAIRED and block_scale and not glu, **common)
     return c
 
 

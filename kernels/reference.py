@@ -110,6 +110,58 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(g) * u
 
 
+# Fused MoE (kernels/fused_moe.py), one expert at a time: x [T, H]; w13 [E, 2I, H] (gate then up) and
+# w2 [E, H, I] with their scales (block or channel layouts above, one per expert), or float weights
+# and no scales for scheme "bf16"; topk_ids / topk_weights [T, k]; pair p = t * k + j.
+
+def _expert_gemm(a, a_s, w, w_s, scheme, glu, dtype):
+    if scheme == "bf16":
+        acc = a.to(dtype) @ w.to(dtype).T
+        return silu_mul(*acc.chunk(2, dim=-1)) if glu else acc
+    gemm = block_gemm_ref if scheme == "block" else channel_gemm_ref
+    return gemm(a, a_s, w, w_s, dtype, dtype, glu)
+
+
+def moe_gate_up_ref(a, a_s, w13, w13_s, topk_ids, scheme, glu=True, dtype=torch.float64):
+    """Pair rows [T * k, I] (glu) or the gate and up sums [T * k, 2I]: expert ids[t, j] on token row
+    a[t] (int8 with scales a_s, or float with a_s None for bf16)."""
+    T, k = topk_ids.shape
+    out = torch.zeros(T * k, w13.shape[1] // 2 if glu else w13.shape[1], dtype=dtype, device=a.device)
+    for e in range(w13.shape[0]):
+        t, j = (topk_ids == e).nonzero(as_tuple=True)
+        if t.numel():
+            s = a_s[t] if a_s is not None else None
+            out[t * k + j] = _expert_gemm(a[t], s, w13[e], w13_s[e] if w13_s is not None else None,
+                                          scheme, glu, dtype)
+    return out
+
+
+def moe_down_ref(h, h_s, w2, w2_s, topk_weights, topk_ids, scheme, dtype=torch.float64):
+    """Slots [T * k, H]: topk_weights[t, j] * expert ids[t, j] on pair row h[t * k + j]."""
+    T, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    out = torch.zeros(T * k, w2.shape[1], dtype=dtype, device=h.device)
+    for e in range(w2.shape[0]):
+        p = (flat == e).nonzero(as_tuple=True)[0]
+        if p.numel():
+            s = h_s[p] if h_s is not None else None
+            y = _expert_gemm(h[p], s, w2[e], w2_s[e] if w2_s is not None else None, scheme, False, dtype)
+            out[p] = y * topk_weights.reshape(-1)[p, None].to(dtype)
+    return out
+
+
+def fused_moe_ref(x, w13, w13_s, w2, w2_s, topk_weights, topk_ids, scheme, rounding="nearest_even"):
+    """fp64 [T, H], as fused_moe computes it: each projection's activation quantized as the kernel
+    does (per 128-group for block, per token for channel; the intermediate from fp32), or for bf16
+    the intermediate rounded to the weights' dtype."""
+    group = BLOCK if scheme == "block" else None
+    quant = (lambda t: (t, None)) if scheme == "bf16" else (lambda t: act_quant_ref(t, group, rounding))
+    h = moe_gate_up_ref(*quant(x), w13, w13_s, topk_ids, scheme)
+    h = h.to(w2.dtype) if scheme == "bf16" else h.float()
+    slots = moe_down_ref(*quant(h), w2, w2_s, topk_weights, topk_ids, scheme)
+    return slots.reshape(*topk_ids.shape, -1).sum(dim=1)
+
+
 def block_linear_ref(x, w, w_s, rounding="nearest_even", out_dtype=None,
                      compute_dtype=torch.float32, glu=False):
     """x [..., K] float -> as int8_block_linear (glu: int8_block_gate_up)."""

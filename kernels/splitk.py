@@ -1,4 +1,5 @@
-"""The end of the INT8 GEMM kernel: channel scales, GLU, and the split-K reduction.
+"""The store of the INT8 GEMM kernels: the epilogue (int8_tiles.epilogue), directly or after the split-K
+reduction.
 
 Split-K stays one launch: every program writes its partial tile to a workspace ws[split, 1 + GLU,
 M, N] (int32 for channel: exact; fp32 for block), bumps a per-tile counter, and the last one to
@@ -11,16 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .int8_tiles import epilogue
+
 LOCK_SLOTS = 1 << 16  # split-K tile counters per (device, stream); self-resetting
 _locks: dict = {}
-
-
-@triton.jit
-def _i32_to_f32(d):
-    # |d| <= 128 * 128 * 128 < 2**22 for one 128-deep K tile, so adding the bits of 1.5 * 2**23
-    # gives the float 1.5 * 2**23 + d exactly: an integer add and a float add, both full rate,
-    # instead of I2F, which runs at a quarter of the FMA rate and bounds the block-scaled loop.
-    return (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
@@ -34,19 +29,6 @@ def _sum4(ptrs, step, mask, left):
 
 
 @triton.jit
-def _finish(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE: tl.constexpr, GLU: tl.constexpr):
-    if BLOCK_SCALE:
-        out = acc
-        up = acc_up
-    else:
-        out = acc.to(tl.float32) * a_tok[:, None] * w_sc[None, :]
-        up = acc_up.to(tl.float32) * a_tok[:, None] * w_sc_up[None, :]
-    if GLU:
-        out = out * tl.sigmoid(out) * up
-    return out
-
-
-@triton.jit
 def store_tile(acc, acc_up, a_tok, w_sc, w_sc_up, offs_m, offs_n, M, N, c_ptr, stride_cm,
                ws_ptr, lock_ptr, tile_id, pid_k, split_k,
                USE_SPLIT: tl.constexpr, BLOCK_SCALE: tl.constexpr, GLU: tl.constexpr):
@@ -55,7 +37,7 @@ def store_tile(acc, acc_up, a_tok, w_sc, w_sc_up, offs_m, offs_n, M, N, c_ptr, s
     c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     if not USE_SPLIT:
-        out = _finish(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE, GLU)
+        out = epilogue(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE, GLU)
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         mn = M * N
@@ -78,7 +60,7 @@ def store_tile(acc, acc_up, a_tok, w_sc, w_sc_up, offs_m, offs_n, M, N, c_ptr, s
                 acc += _sum4(part, step, c_mask, split_k - s)
                 if GLU:
                     acc_up += _sum4(part + mn, step, c_mask, split_k - s)
-            out = _finish(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE, GLU)
+            out = epilogue(acc, acc_up, a_tok, w_sc, w_sc_up, BLOCK_SCALE, GLU)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
             tl.atomic_xchg(lock_ptr + tile_id, 0)  # ready for the next launch on this stream
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hybrid_r1
-from conftest import SMALL_VOCAB, random_ids
+from conftest import SMALL_VOCAB, needs_cuda, random_ids
 from hybrid_r1.errors import CheckpointError
 from hybrid_r1.formats import merged as M
 from hybrid_r1.formats.gguf import GGUFCheckpoint
@@ -257,3 +257,19 @@ def test_ktransformers_folder_loads_as_is_and_converts(sources, tmp_path):
     model = hybrid_r1.load(kt, device="cpu")
     assert {p.op for p in model.placements if p.op} == {"experts.ggml_cpu", "linear.int8_block"}
     assert torch.equal(model.logits(ids), want)
+
+
+@needs_cuda
+def test_merged_on_the_gpu_rules_equals_the_pair(sources, merged_q4):
+    """The product's path: the merged folder under rules/int8-gpu-ggml-experts.yaml (INT8 Triton
+    linears on the GPU, ggml experts on the CPU, CUDA-graph decode) against the pair, same rules."""
+    _, _, int8, ggufs = sources
+    rules = Path(__file__).resolve().parent.parent / "rules" / "int8-gpu-ggml-experts.yaml"
+    a = hybrid_r1.load(merged_q4, rules=rules)
+    b = hybrid_r1.load(int8, gguf=ggufs["Q4_K_M"], rules=rules)
+    ids = random_ids(24, seed=5)
+    assert torch.equal(a.logits(ids), b.logits(ids))
+    cache = a.new_cache()
+    graphed = a.generate(ids, max_new_tokens=12, stop=[], cache=cache)
+    assert list(graphed) == list(b.generate(ids, max_new_tokens=12, stop=[], cuda_graphs=False))
+    assert a.decode_graphs(cache).use_graphs  # decoded under CUDA graphs, the CPU experts between them
