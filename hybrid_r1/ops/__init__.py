@@ -18,6 +18,7 @@ OPS = {
     "linear.int8_channel": "hybrid_r1.ops.linear_int8:Int8ChannelLinear",
     "experts.ggml_cpu": "hybrid_r1.ops.experts_ggml:GGMLExperts",
     "experts.dequant": "hybrid_r1.ops.experts_reference:DequantExperts",
+    "experts.int8_gpu": "hybrid_r1.ops.experts_int8:Int8GPUExperts",
 }
 
 

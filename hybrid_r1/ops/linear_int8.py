@@ -30,6 +30,26 @@ class Int8Args(OpArgs):
     rounding: Literal["nearest_even", "trunc"] = "nearest_even"  # of the activation quantization
 
 
+def int8_weight(source: WeightSource, name: str, shape: tuple[int, int], scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scales) of `name` in `scheme`: stored INT8 comes with its scale tensor as
+    it is; anything else (BF16, FP8, GGML blocks) is quantized from its dequantized values, exactly
+    as the converter would (a GGUF's experts: dequantize, then requantize)."""
+    check_tensor(source, name, shape)
+    prefix = name[: -len(".weight")]
+    has_scale = any(source.has(f"{prefix}.{suffix}") for suffix in SCHEMES.values())
+    stored, extra = source.raw(name) if has_scale else (None, {})
+    if stored is not None and stored.dtype == torch.int8:
+        scale = extra.get(SCHEMES[scheme])
+        if scale is None:
+            found = ", ".join(extra) or "no scale"
+            raise CheckpointError(f"an int8 {scheme} weight needs {SCHEMES[scheme]}, found {found}: "
+                                  f"the checkpoint is quantized with another scheme", file=source.path, tensor=name)
+        return stored, scale.float()
+    from ..quant import quantize_weight
+
+    return quantize_weight(source.tensor(name, torch.bfloat16), scheme)
+
+
 class Int8Linear(LinearOperator):
     scheme = ""  # set by subclasses
     Args = Int8Args
@@ -67,22 +87,7 @@ class Int8Linear(LinearOperator):
 
     def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         name = prefix + ".weight"
-        check_tensor(source, name, (self.out_features, self.in_features))
-        # Stored INT8 comes with its scale tensor; anything else (BF16, FP8, GGML blocks) is
-        # quantized here from its dequantized values, exactly as the converter would.
-        has_scale = any(source.has(f"{prefix}.{suffix}") for suffix in SCHEMES.values())
-        stored, extra = source.raw(name) if has_scale else (None, {})
-        if stored is not None and stored.dtype == torch.int8:
-            scale = extra.get(SCHEMES[self.scheme])
-            if scale is None:
-                found = ", ".join(extra) or "no scale"
-                raise CheckpointError(f"an int8 {self.scheme} linear needs {SCHEMES[self.scheme]}, found {found}: "
-                                      f"the checkpoint is quantized with another scheme", file=source.path, tensor=name)
-            q, s = stored, scale.float()
-        else:
-            from ..quant import quantize_weight
-
-            q, s = quantize_weight(source.tensor(name, torch.bfloat16), self.scheme)
+        q, s = int8_weight(source, name, (self.out_features, self.in_features), self.scheme)
         if shard is not None:  # quantized whole first: a rank's slice is bit-identical to one GPU's
             q, s = self._slice(q, s, shard, name)
         self.weight = q.to(self.device).contiguous()
