@@ -24,17 +24,20 @@ PREFIX = "model.layers.1.mlp.experts"
 def test_stacked_experts_compute_the_layer(scheme):
     cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2)
     source = SyntheticWeights(cfg, seed=7)
-    op = Int8GPUExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, "cpu", scheme)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernel in Triton's interpreter
+    op = Int8GPUExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dev, scheme)
     op.load_weights(source, PREFIX)
     g = torch.Generator().manual_seed(3)
     T, k = 5, cfg.num_experts_per_tok
     x = torch.randn(T, cfg.hidden_size, generator=g)
     idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:k] for _ in range(T)])
     w = torch.rand(T, k, generator=g)
-    y = op(x, idx, w)
-    # 1. the kernel on the stacked weights: fp32 sums of exact int8 products, fp32 output
+    y = op(x.to(dev), idx.to(dev), w.to(dev)).cpu()
+    op.w13, op.w13_s, op.w2, op.w2_s = (t.cpu() for t in (op.w13, op.w13_s, op.w2, op.w2_s))
+    # 1. the kernel on the stacked weights: exact int8 products, fp32 sums (and on a GPU, where the
+    # kernel's fp32 intermediate may land one int8 step from fp64's, a rare step: 1e-3 covers it)
     ref = fused_moe_ref(x, op.w13, op.w13_s, op.w2, op.w2_s, w, idx, scheme)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((y.double() - ref).norm() / ref.norm()).item() < (1e-5 if dev == "cpu" else 1e-3)
     # 2. the layout, independently: the model's own Experts on each expert's converter-quantized
     # weights dequantized (fp32), the activations unquantized. What remains is the int8 rounding of
     # x and of the SwiGLU output, half a step (max/127) each: ~1% of a Gaussian row's rms each.
@@ -73,8 +76,11 @@ def test_placement_and_planned_bytes():
 @pytest.mark.parametrize("scheme", ["block", "channel"])
 def test_all_int8_model_on_one_gpu(tmp_path, scheme):
     """Every weight INT8 on the GPU (the multi-GPU mode's single-device path): the whole decode step
-    is one CUDA graph (no operator syncs with the host) and decodes the same tokens as eager; the
-    logits stay within the INT8 envelope of the same model with reference experts."""
+    is one CUDA graph (no operator syncs with the host) and decodes the same tokens as eager; with
+    the routing of the per-expert INT8 model replayed, the logits stay within the block INT8
+    envelope of tests/test_int8_model.py (mean KL 7e-3, max relative error 0.2)."""
+    from routing import metrics, record_routing, replay_routing
+
     from hybrid_r1.synth import write_checkpoint
 
     cfg = preset_config("tiny", vocab_size=SMALL_VOCAB)
@@ -86,8 +92,12 @@ def test_all_int8_model_on_one_gpu(tmp_path, scheme):
                                          "args": {"scheme": scheme}}] + linears)
     plain = hybrid_r1.load(path, quantize=scheme, device="cuda")
     ids = random_ids(20, seed=8)
-    a, b = fused.logits(ids), plain.logits(ids)
-    assert ((a - b).norm() / b.norm()).item() < 0.05  # activation int8 rounding in the experts, bf16 elsewhere
+    ref, chosen, _ = record_routing(plain, ids)
+    hooks = replay_routing(fused, chosen)
+    kl, rel = metrics(fused.logits(ids), ref)
+    for h in hooks:
+        h.remove()
+    assert kl.mean() <= 7e-3 and rel.max() <= 0.2, (kl.mean(), rel.max())
     cache = fused.new_cache()
     graphed = fused.generate(ids, max_new_tokens=12, stop=[], cache=cache)
     assert list(graphed) == list(fused.generate(ids, max_new_tokens=12, stop=[], cuda_graphs=False))

@@ -211,6 +211,7 @@ def test_bad_inputs_raise():
 
 
 # DeepSeek-V3/R1 routed experts on the GPU: E = 256, H = 7168, I = 2048, top-8.
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("T", [1, 200])
 @pytest.mark.parametrize("scheme", ["block", "channel"])
@@ -218,6 +219,7 @@ def test_cuda_deepseek_fused_moe(T, scheme):
     _check_moe(T, 256, 7168, 2048, 8, scheme, None, torch.bfloat16, seed=T)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("T", [5, 40])  # 40 * 8 pairs: the torch sort instead of the one-program one
 @pytest.mark.parametrize("scheme", ["block", "channel"])
