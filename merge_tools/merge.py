@@ -17,8 +17,10 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +36,8 @@ from hybrid_r1.quant import SCHEMES, scheme_of_kind
 from hybrid_r1.staging import OutputExistsError, staged_output
 
 VERSION = "hybrid_r1 merge_tools merge 1"
-CHUNK = 64 << 20  # bytes copied per read
+CHUNK = 64 << 20  # bytes copied per read (one buffer per worker)
+MAX_WORKERS = 4  # files written at once, at most (and no more than the CPUs this process may use)
 JOURNAL = "merge-journal.json"
 SMALL_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                "configuration_deepseek.py", "modeling_deepseek.py", "LICENSE", "README.md")
@@ -107,18 +110,37 @@ def _merge(base, g, out: Path, folders: list[Path], *, force: bool, resume: bool
     done_bytes, resumed = 0, 0
     with staged_output(out, force=force, needed_bytes=total, untouched=untouched) as tmp:
         journal = {"fingerprint": fingerprint, "done": {}}
+        todo = []
         for f in plan:
             entry = _resumed(resumable, f, journal) if resumable else None
-            if entry is not None:
-                os.rename(resumable / f.name, tmp / f.name)
-                resumed += 1
-            else:
-                entry = _write(tmp / f.name, f, lambda n: progress and progress(done_bytes + n, total))
+            if entry is None:
+                todo.append(f)
+                continue
+            os.rename(resumable / f.name, tmp / f.name)
+            resumed += 1
             journal["done"][f.name] = entry
-            _save_json(tmp / JOURNAL, journal)
             done_bytes += f.nbytes
-            if progress:
-                progress(done_bytes, total)
+        _save_json(tmp / JOURNAL, journal)
+        # Files are written by a few threads at once: pread, write and sha256 all release the GIL,
+        # so hashing (the slowest step on a small CPU) overlaps the I/O of the other files.
+        lock = threading.Lock()
+        copied = [done_bytes]
+
+        def one(f: _File) -> None:
+            def moved(n: int) -> None:
+                with lock:
+                    copied[0] += n
+                    if progress:
+                        progress(copied[0], total)
+
+            entry = _write(tmp / f.name, f, moved)
+            with lock:
+                journal["done"][f.name] = entry
+                _save_json(tmp / JOURNAL, journal)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))) as pool:
+            for future in [pool.submit(one, f) for f in todo]:
+                future.result()  # the first error, after the others have stopped
         if resumable is not None:
             shutil.rmtree(resumable, ignore_errors=True)
         weight_map = {s.name: f.name for f in plan for s in f.specs}
@@ -190,9 +212,9 @@ def _replaced(name: str, n_layers: int) -> bool:
 
 
 def _write(path: Path, f: _File, progress: Callable[[int], None]) -> dict:
+    """Copy one output file's tensors, hashing every byte written; progress(n) after each piece."""
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
-    written = 0
     fds: dict[str, int] = {}
     try:
         with SafetensorsWriter(path, f.specs, f.metadata, hasher=h) as w:
@@ -207,8 +229,7 @@ def _write(path: Path, f: _File, progress: Callable[[int], None]) -> dict:
                         raise CheckpointError(f"ended {size - pos} bytes early: truncated?", file=file, tensor=spec.name)
                     w.write_bytes(spec.name, memoryview(buf)[:n])
                     pos += n
-                    written += n
-                    progress(written)
+                    progress(n)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -352,21 +373,26 @@ def verify(folder: str | Path, progress: Callable[[int, int], None] | None = Non
         raise CheckpointError(f"not a merged folder: no {M.MANIFEST}", file=str(folder)) from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"unreadable manifest ({e!r})", file=str(folder / M.MANIFEST)) from None
-    problems = []
-    total, done = sum(int(v.get("size", 0)) for v in files.values()), 0
-    for name, want in sorted(files.items()):
+    total = sum(int(v.get("size", 0)) for v in files.values())
+    lock, done = threading.Lock(), [0]
+
+    def check(name: str, want: dict) -> str | None:
         path = folder / name
         if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
+            return f"{path}: missing"
         size = path.stat().st_size
         if size != want.get("size"):
-            problems.append(f"{path}: {size} bytes, the manifest says {want.get('size')}")
-        elif _sha256(path) != want.get("sha256"):
-            problems.append(f"{path}: sha256 differs from the manifest")
-        done += size
-        if progress:
-            progress(done, total)
+            return f"{path}: {size} bytes, the manifest says {want.get('size')}"
+        bad = _sha256(path) != want.get("sha256")
+        with lock:
+            done[0] += size
+            if progress:
+                progress(done[0], total)
+        return f"{path}: sha256 differs from the manifest" if bad else None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))) as pool:
+        results = list(pool.map(lambda kv: check(*kv), sorted(files.items())))  # hashing releases the GIL
+    problems = [r for r in results if r]
     extra = sorted(p.name for p in folder.iterdir() if p.name != M.MANIFEST and p.name not in files)
     problems += [f"{folder / n}: not in the manifest" for n in extra]
     index = folder / "model.safetensors.index.json"

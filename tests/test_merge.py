@@ -183,8 +183,8 @@ def test_killed_merge_leaves_nothing_and_resumes(sources, merged_q4, tmp_path):
     args = ["merge", "--safetensor", str(int8), "--gguf", str(ggufs["Q4_K_M"]), "--output", str(out), "--shard-gb",
             str(1 / 1024)]
     before = {**_digests(int8), **_digests(ggufs["Q4_K_M"])}
-    # SIGKILL right after the journal records the second finished file
-    r = _merge_child(args, [("hybrid_r1_merge_tools.merge:_save_json", 2, "kill-after")])
+    # SIGKILL right after the journal records the second finished file (its first save lists none)
+    r = _merge_child(args, [("hybrid_r1_merge_tools.merge:_save_json", 3, "kill-after")])
     assert r.returncode == -9, r.stderr
     assert not out.exists()  # nothing under the output name, so nothing half-written loads
     assert {**_digests(int8), **_digests(ggufs["Q4_K_M"])} == before
