@@ -273,3 +273,19 @@ def test_merged_on_the_gpu_rules_equals_the_pair(sources, merged_q4):
     graphed = a.generate(ids, max_new_tokens=12, stop=[], cache=cache)
     assert list(graphed) == list(b.generate(ids, max_new_tokens=12, stop=[], cuda_graphs=False))
     assert a.decode_graphs(cache).use_graphs  # decoded under CUDA graphs, the CPU experts between them
+
+
+def test_torch_experts_read_the_blobs(sources, merged_q4, tmp_path):
+    """Experts kept as the model's own torch modules (no GGML operator) load each expert dequantized
+    from the merged folder's blobs (and from a KTransformers folder's), as from the GGUF itself."""
+    import shutil
+
+    _, _, int8, ggufs = sources
+    kept = [{"class": "Experts", "device": "cpu"}]
+    ids = random_ids(12, seed=6)
+    want = hybrid_r1.load(int8, gguf=ggufs["Q4_K_M"], device="cpu", rules=kept).logits(ids)
+    assert torch.equal(hybrid_r1.load(merged_q4, device="cpu", rules=kept).logits(ids), want)
+    kt = tmp_path / "kt"
+    _write_ktransformers(int8, ggufs["Q4_K_M"], kt)
+    shutil.copyfile(int8 / "config.json", kt / "config.json")
+    assert torch.equal(hybrid_r1.load(kt, device="cpu", rules=kept).logits(ids), want)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -78,6 +77,9 @@ class KTransformersCheckpoint:
                 self._hf[m.hf() if suffix is None else m.hf()[: -len("weight")] + suffix] = name
 
     # ---- the experts --------------------------------------------------------------------------
+    def layers(self) -> set[int]:
+        return {layer for layer, _ in self._blobs}
+
     def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
         names = {p: self._blobs.get((layer, p)) for p in ("gate", "up", "down")}
         if any(n is None for n in names.values()):
@@ -155,61 +157,8 @@ def _part(gguf_name: str) -> str:
     return next(p for p in ("gate", "up", "down") if f".ffn_{p}_exps." in gguf_name)
 
 
-class KTransformersExperts:
-    """The expert side of their folder for ExpertOverlay: GGML blocks, and each expert's HF tensor
-    dequantized from them (gguf-py) for torch operators."""
-
-    def __init__(self, kt: KTransformersCheckpoint):
-        self.kt = kt
-
-    def ggml_experts(self, layer: int):
-        return self.kt.ggml_experts(layer)
-
-    def names(self) -> list[str]:
-        cfg = self.kt.config
-        return [f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
-                for (layer, p) in self.kt._blobs for e in range(cfg.n_routed_experts)]
-
-    def _locate(self, name: str):
-        from .merged import _EXPERT
-
-        m = _EXPERT.match(name)
-        if m is None or (int(m.group(1)), m.group(3)) not in self.kt._blobs:
-            raise CheckpointError("tensor not found among the KTransformers folder's experts", file=self.kt.path,
-                                  tensor=name)
-        layer, e, part = int(m.group(1)), int(m.group(2)), m.group(3)
-        return self.kt._blob(layer, part, self.kt._blobs[layer, part]), e
-
-    def has(self, name: str) -> bool:
-        try:
-            self._locate(name)
-        except CheckpointError:
-            return False
-        return True
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        t, _ = self._locate(name)
-        return (t.ne[1], t.ne[0])
-
-    def file_of(self, name: str) -> str:
-        return self._locate(name)[0].file
-
-    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        t, e = self._locate(name)
-        return torch.from_numpy(np.ascontiguousarray(dequantize(t.expert(e), t.ggml_type))).to(dtype)
-
-    def raw(self, name: str):
-        raise CheckpointError("stored as GGML blocks: use tensor() or ggml_experts()", file=self.file_of(name),
-                              tensor=name)
-
-    def tokenizer(self):
-        return None
-
-
 def open_ktransformers(folder: str | Path, config: str | Path | None = None):
-    from .merged import ExpertOverlay
+    from .merged import ExpertOverlay, GGMLExpertsView
 
     kt = KTransformersCheckpoint(folder, config)
-    return ExpertOverlay(kt, KTransformersExperts(kt))
+    return ExpertOverlay(kt, GGMLExpertsView(kt, kt.path))

@@ -149,32 +149,27 @@ class ExpertOverlay:
         return tok if tok is not None else self.experts.tokenizer()
 
 
-class MergedExperts:
-    """The experts side of a merged folder as a WeightSource-like view: ggml_experts from the blobs,
-    and each expert's HF tensor (`...experts.E.gate_proj.weight`) dequantized from them (gguf-py),
+class GGMLExpertsView:
+    """The experts side of a composed source: ggml_experts from `provider` (anything with
+    `ggml_experts(layer)` and `layers()`: a merged folder's blobs, a KTransformers folder), and each
+    expert's HF tensor (`...experts.E.gate_proj.weight`) dequantized from those blocks (gguf-py),
     for operators that compute in torch."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint):
-        self.ckpt = ckpt
-        self.blobs = BlobExperts(ckpt)
-        self.config = ckpt.config
+    def __init__(self, provider, path: str):
+        self.provider, self.path = provider, path
 
     def _locate(self, name: str) -> tuple[GGMLTensor, int] | None:
         m = _EXPERT.match(name)
-        if m is None:
+        if m is None or int(m.group(1)) not in self.provider.layers():
             return None
-        layer, e, part = int(m.group(1)), int(m.group(2)), m.group(3)
-        blob = blob_name(layer, part)
-        if blob not in self.blobs.info or e >= self.blobs.info[blob]["ne"][2]:
-            return None
-        return self.blobs.tensor_of(blob), e
+        experts = self.provider.ggml_experts(int(m.group(1)))
+        t, e = (experts or {}).get(m.group(3)), int(m.group(2))
+        return (t, e) if t is not None and e < t.ne[2] else None
 
     def names(self) -> list[str]:
-        out = []
-        for blob, info in self.blobs.info.items():
-            m = _BLOB.match(blob)
-            out += [f"model.layers.{m.group(1)}.mlp.experts.{e}.{m.group(2)}_proj.weight" for e in range(info["ne"][2])]
-        return out
+        return [f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight"
+                for layer in sorted(self.provider.layers())
+                for part, t in self.provider.ggml_experts(layer).items() for e in range(t.ne[2])]
 
     def has(self, name: str) -> bool:
         return self._locate(name) is not None
@@ -182,8 +177,7 @@ class MergedExperts:
     def _need(self, name: str) -> tuple[GGMLTensor, int]:
         found = self._locate(name)
         if found is None:
-            raise CheckpointError("tensor not found among the merged folder's GGML experts", file=self.ckpt.path,
-                                  tensor=name)
+            raise CheckpointError("tensor not found among the GGML experts", file=self.path, tensor=name)
         return found
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -208,7 +202,7 @@ class MergedExperts:
                               file=self.file_of(name), tensor=name)
 
     def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
-        return self.blobs.ggml_experts(layer)
+        return self.provider.ggml_experts(layer)
 
     def tokenizer(self):
         return None
@@ -221,14 +215,14 @@ def is_merged(folder: Path) -> bool:
 def open_merged(folder: str | Path) -> ExpertOverlay:
     """A merged folder (merge_tools merge) as one WeightSource."""
     ckpt = SafetensorsCheckpoint(folder)
-    experts = MergedExperts(ckpt)
+    blobs = BlobExperts(ckpt)
     cfg = ckpt.config
     want = {i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
-    missing = sorted(want - experts.blobs.layers())
+    missing = sorted(want - blobs.layers())
     if missing:
         raise CheckpointError(f"the merged folder lacks the GGML experts of layer(s) {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}", file=str(folder))
-    return ExpertOverlay(ckpt, experts)
+    return ExpertOverlay(ckpt, GGMLExpertsView(blobs, ckpt.path))
 
 
 def open_pair(safetensor_dir: str | Path, gguf) -> ExpertOverlay:
