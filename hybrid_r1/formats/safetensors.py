@@ -124,6 +124,16 @@ class _Shard:
         t = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
         return t.view(dtype).view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop `name`'s pages from this process's memory once a converted copy exists: the mapping
+        is private and never written, so a later read faults them in again from the file. Without
+        this a load in another dtype holds the converted model and the mapped file both."""
+        _, _, begin, end = self.entries[name]
+        page = mmap.PAGESIZE
+        lo = (self.data_start + begin) // page * page
+        if end > begin and self.mm is not None:
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, self.data_start + end - lo)
+
 
 class SafetensorsCheckpoint:
     """A checkpoint folder: config.json plus safetensors shards. Implements WeightSource."""
@@ -214,18 +224,25 @@ class SafetensorsCheckpoint:
         return shard.view(name), extra
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """`name` in `dtype`: a view of the mapped file when stored so, else a converted copy (and
+        then the mapped pages it was read from are released)."""
         t, extra = self.raw(name)
         file = self.file_of(name)
         if t.dtype == torch.float8_e4m3fn:
             scale = extra.get("weight_scale_inv")
             if scale is None:
                 raise CheckpointError("float8 weight without its weight_scale_inv", file=file, tensor=name)
-            return dequant_block(t, scale, name=name, file=file).to(dtype)
-        if t.dtype == torch.int8 and extra:
-            return dequant_int8(t, extra, name=name, file=file).to(dtype)
-        if t.dtype not in FLOAT_DTYPES:
+            out = dequant_block(t, scale, name=name, file=file).to(dtype)
+        elif t.dtype == torch.int8 and extra:
+            out = dequant_int8(t, extra, name=name, file=file).to(dtype)
+        elif t.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"unexpected dtype {t.dtype} for a floating-point tensor", file=file, tensor=name)
-        return t if t.dtype == dtype else t.to(dtype)
+        elif t.dtype == dtype:
+            return t
+        else:
+            out = t.to(dtype)
+        self._shard(name).release(name)
+        return out
 
     def ggml_experts(self, layer: int) -> dict[str, GGMLTensor] | None:
         return None
