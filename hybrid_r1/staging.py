@@ -110,6 +110,43 @@ def staged_output(out: str | Path, *, force: bool = False, needed_bytes: int | N
         raise _output_error(e, out, needed_bytes, where) from None
 
 
+@contextmanager
+def staged_file(out: str | Path, *, force: bool = False, untouched: str | Path | None = None) -> Iterator[Path]:
+    """Yield the path to write a single-file output at: inside a staging folder of its own (named,
+    locked and found stale by the next run as staged_output's are), published with one rename when
+    the block ends normally (os.replace under force: the old file or the new one, never neither)."""
+    out = Path(out)
+    where = f"; the input {untouched} is untouched" if untouched else ""
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it", out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        lock_fd, staging = _create(out)
+    except OSError as e:
+        raise _output_error(e, out, None, where) from None
+    try:
+        path = staging / out.name
+        yield path
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if force:
+            os.replace(path, out)
+        elif not _rename_noreplace(path, out):
+            raise OutputExistsError(f"{out} exists; pass --force to replace it", out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        if e.errno not in _NO_SPACE + (errno.EROFS, errno.EFBIG):
+            raise
+        raise _output_error(e, out, None, where) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        _unlock(lock_fd, staging)
+
+
 def remove_stale(out: str | Path) -> list[Path]:
     """Remove the staging folders of `out` whose writer is gone (its lock is free); restore an old
     output left aside by the fallback replacement if `out` is missing. Returns what was removed."""

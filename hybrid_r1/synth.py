@@ -18,9 +18,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -32,7 +30,7 @@ from .errors import CheckpointError, HybridR1Error
 from .formats.ggml_tensor import GGMLTensor
 from .formats.safetensors_writer import SafetensorsWriter, TensorSpec, plan_shards, shard_name, write_index
 from .quant import BLOCK, FP8_QUANT_CONFIG, FP8_SCALE_SUFFIX, quantize_fp8_block
-from .staging import staged_output
+from .staging import staged_file, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -250,21 +248,14 @@ def write_gguf(out: str | Path, weights: SyntheticWeights, *, type_mix: str = "Q
     out = Path(out)
     if out.suffix != ".gguf":
         raise ValueError(f"a GGUF output must end in .gguf, got {out}")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; --force replaces it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_file(out, force=force) as path:  # a kill leaves the old file or none, and a stale folder the next run removes
         tok_dir = None
         if tokenizer:
             from .tokenizer import write_r1_tokenizer_files
 
-            tok_dir = write_r1_tokenizer_files(tmp / "tokenizer")
-        (written,) = write_gguf_from_checkpoint(weights, tmp / out.name, type_mix=type_mix, tokenizer_dir=tok_dir)
+            tok_dir = write_r1_tokenizer_files(path.parent / "tokenizer")
+        (written,) = write_gguf_from_checkpoint(weights, path, type_mix=type_mix, tokenizer_dir=tok_dir)
         os.chmod(written, 0o644)
-        os.replace(written, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

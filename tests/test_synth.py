@@ -86,3 +86,22 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint(tmp_path / "x", SyntheticWeights(cfg), tokenizer=False, shard_mb=0)
     assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_gguf_output_is_staged_and_stale_staging_is_removed(tmp_path):
+    """A single-file output stages like a folder: a killed run's staging folder (its writer gone,
+    no lock held) is removed by the next run for the same file; --force replaces in one rename."""
+    from hybrid_r1.staging import OutputExistsError
+    from hybrid_r1.synth import write_gguf
+
+    cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=1, num_nextn_predict_layers=0)
+    stale = tmp_path / ".m.gguf.staging-999999"
+    stale.mkdir()
+    (stale / "m.gguf").write_bytes(b"half")
+    out = write_gguf(tmp_path / "m.gguf", SyntheticWeights(cfg), tokenizer=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    first = out.read_bytes()
+    with pytest.raises(OutputExistsError):
+        write_gguf(out, SyntheticWeights(cfg, seed=1), tokenizer=False)
+    write_gguf(out, SyntheticWeights(cfg, seed=1), tokenizer=False, force=True)
+    assert out.read_bytes() != first and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
