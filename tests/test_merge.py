@@ -289,3 +289,14 @@ def test_torch_experts_read_the_blobs(sources, merged_q4, tmp_path):
     _write_ktransformers(int8, ggufs["Q4_K_M"], kt)
     shutil.copyfile(int8 / "config.json", kt / "config.json")
     assert torch.equal(hybrid_r1.load(kt, device="cpu", rules=kept).logits(ids), want)
+
+
+def test_merge_refuses_a_gguf_without_expert_tensors(sources, tmp_path):
+    _, _, int8, ggufs = sources
+    data = ggufs["Q8_0"].read_bytes()
+    header = data[:1 << 20]  # the tensor names live in the header: rename the experts away, same length
+    broken = tmp_path / "no-experts.gguf"
+    broken.write_bytes(header.replace(b"_exps.", b"_expz.") + data[1 << 20:])
+    with pytest.raises(CheckpointError, match=r"tensor missing .*no-experts.gguf.*ffn_\w+_exps"):
+        merge(int8, broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
