@@ -15,10 +15,8 @@ the table is named after the GPU's arch, and existing tables in --out are update
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -143,12 +141,7 @@ def precompile(jobs, workers: int):
             seen.add(key)
             unique.append((scheme, proj, M, dataclasses.asdict(cfg)))
     unique.sort(key=lambda j: j[0])  # workers keep one scheme's weights
-    t = time.time()
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        errors = [e for e in pool.map(_compile_job, unique, chunksize=max(1, len(unique) // (4 * workers))) if e]
-    print(f"precompiled {len(unique)} variants in {time.time() - t:.0f}s, {len(errors)} failed", flush=True)
-    for e in errors[:20]:
-        print("  ", e, flush=True)
+    T.compile_in_workers(unique, _compile_job, workers)
 
 
 # ------------------------------------------------------------------------------ tune ---------

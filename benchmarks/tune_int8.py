@@ -214,12 +214,15 @@ def precompile(jobs, workers: int):
             seen.add(k)
             unique.append((scheme, name, M, dataclasses.asdict(cfg)))
     unique.sort(key=lambda j: (j[1], j[0]))  # group by shape: workers reuse their weights
+    compile_in_workers(unique, _compile_job, workers)
+
+
+def compile_in_workers(unique: list, compile_job, workers: int) -> None:
+    """Run each job once in spawned worker processes, so its kernels land in Triton's disk cache
+    before the timing starts; report the ones that failed (a config can exceed the GPU's resources)."""
     t = time.time()
-    errors = []
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for err in pool.map(_compile_job, unique, chunksize=max(1, len(unique) // (4 * workers))):
-            if err:
-                errors.append(err)
+        errors = [e for e in pool.map(compile_job, unique, chunksize=max(1, len(unique) // (4 * workers))) if e]
     print(f"precompiled {len(unique)} variants in {time.time() - t:.0f}s, {len(errors)} failed", flush=True)
     for e in errors[:20]:
         print("  ", e, flush=True)
