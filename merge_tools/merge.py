@@ -29,7 +29,7 @@ import torch
 
 from hybrid_r1.errors import CheckpointError
 from hybrid_r1.formats import merged as M
-from hybrid_r1.formats.safetensors import SafetensorsCheckpoint
+from hybrid_r1.formats.safetensors import SafetensorsCheckpoint, read_header
 from hybrid_r1.formats.safetensors_writer import SafetensorsWriter, TensorSpec, plan_shards, write_index
 from hybrid_r1.loading import gguf_file, open_gguf
 from hybrid_r1.quant import SCHEMES, scheme_of_kind
@@ -410,8 +410,8 @@ def verify(folder: str | Path, progress: Callable[[int, int], None] | None = Non
         if not (folder / fname).is_file():
             continue  # reported above
         try:
-            header = _header(folder / fname)
-        except (OSError, ValueError) as e:
+            header = read_header(folder / fname)[0]
+        except (OSError, CheckpointError) as e:
             problems.append(f"{folder / fname}: unreadable header ({e})")
             continue
         lacking = [t for t in tensors if t not in header]
@@ -419,10 +419,3 @@ def verify(folder: str | Path, progress: Callable[[int, int], None] | None = Non
             problems.append(f"{folder / fname}: lacks {len(lacking)} tensor(s) the index places there, e.g. {lacking[0]}")
     return problems
 
-
-def _header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        if n > path.stat().st_size:
-            raise ValueError("header length past the end of the file")
-        return json.loads(fh.read(n))

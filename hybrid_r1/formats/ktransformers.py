@@ -19,7 +19,7 @@ import torch
 from ..errors import CheckpointError
 from . import names as N
 from .ggml_tensor import GGMLTensor
-from .safetensors import SafetensorsCheckpoint
+from .safetensors import SafetensorsCheckpoint, read_header
 
 SUFFIXES = ("weight_scale_inv", "weight_scale")
 GGML_TYPE = ".ggml_type"
@@ -30,18 +30,12 @@ def is_ktransformers(folder: Path) -> bool:
     first shards, the embeddings and the dense layers, have none)."""
     if (folder / "model.safetensors.index.json").is_file():
         return False
-    import json
-
     for f in sorted(folder.glob("*.safetensors")):
         try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if n > 100 << 20:
-                    return False
-                if any(k.endswith(GGML_TYPE) for k in json.loads(fh.read(n))):
-                    return True
-        except (OSError, ValueError):
-            return False
+            if any(k.endswith(GGML_TYPE) for k in read_header(f)[0]):
+                return True
+        except (OSError, CheckpointError):
+            return False  # not theirs either: the safetensors reader reports it
     return False
 
 

@@ -84,31 +84,39 @@ def _check_layout(entries: dict[str, tuple], data_size: int, file: str) -> None:
         raise CheckpointError(f"the data section has {data_size} bytes but its tensors end at byte {at}", file=file)
 
 
+def read_header(path: Path) -> tuple[dict, int, int]:
+    """(header JSON object, its length, the file's size) of a safetensors file, checked as far as
+    the header itself goes; a CheckpointError naming the file otherwise."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise CheckpointError("shard file is missing", file=str(path)) from None
+    with f:
+        size = path.stat().st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)", file=str(path))
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CheckpointError(f"header length {n} is over {MAX_HEADER} bytes (the safetensors limit): "
+                                  "not a safetensors file?", file=str(path))
+        if n > size - 8:
+            raise CheckpointError(f"header length {n} runs past the end of the file ({size} bytes)", file=str(path))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"header is not valid JSON: {e}", file=str(path)) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"header is JSON but not an object of tensors (a {type(header).__name__})", file=str(path))
+    return header, n, size
+
+
 class _Shard:
     def __init__(self, path: Path):
         self.path = path
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise CheckpointError("shard file is missing", file=str(path)) from None
-        with f:
-            size = path.stat().st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)", file=str(path))
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise CheckpointError(f"header length {n} is over {MAX_HEADER} bytes (the safetensors limit): "
-                                      "not a safetensors file?", file=str(path))
-            if n > size - 8:
-                raise CheckpointError(f"header length {n} runs past the end of the file ({size} bytes)", file=str(path))
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"header is not valid JSON: {e}", file=str(path)) from None
+        header, n, size = read_header(path)
+        with open(path, "rb") as f:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"header is JSON but not an object of tensors (a {type(header).__name__})", file=str(path))
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         if not isinstance(self.metadata, dict):
             raise CheckpointError("__metadata__ is not an object of strings", file=str(path))
