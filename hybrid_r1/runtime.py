@@ -42,11 +42,11 @@ class Runtime:
         """The CUDA-graph decoder bound to `cache` (made with create=True where the model can
         decode under graphs: batch 1, graphs.unsupported says nothing), else None."""
         runner = self._graphs.get(cache)
-        if runner is None and create and cache.batch == 1:
-            why = G.unsupported(self.module)
+        if runner is None and create and cache.batch == 1 and self.module.input_device.type == "cuda":
+            why = G.unsupported(self.module)  # a walk of the tree: once per cache, on a GPU only
             if why is None:
                 runner = self._graphs[cache] = G.DecodeGraphs(self.module, cache)
-            elif self.module.input_device.type == "cuda":
+            else:
                 log.info("decoding without CUDA graphs: %s", why)
         return runner
 

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ..formats.source import WeightSource
-from ..quant import BLOCK
+from ..quant import scheme_of
 from .base import OpArgs, Operator, Shard
 from .linear_int8 import int8_weight
 
@@ -49,19 +49,19 @@ class Int8GPUExperts(Operator):
         shape = module[0].gate_proj
         return cls(len(module), shape.in_features, shape.out_features, device, args.scheme, args.rounding)
 
-    def _scale_rows(self, n: int) -> int:
-        return -(-n // BLOCK) if self.scheme == "block" else n
+    def _scale_shape(self, n: int, k: int) -> tuple[int, int]:
+        """One expert projection's scales for an [n, k] weight (the scheme table's layout)."""
+        return scheme_of(self.scheme).scale_shape(n, k)
 
     def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         assert shard is None, "experts.int8_gpu does not shard"  # declared: shardable = False
         E, H, inter = self.n_experts, self.hidden_size, self.intermediate_size
-        cols = (lambda k: -(-k // BLOCK)) if self.scheme == "block" else (lambda k: 1)
         dev = self.device
+        half, h_cols = self._scale_shape(inter, H)
         self.w13 = torch.empty((E, 2 * inter, H), dtype=torch.int8, device=dev)
         self.w2 = torch.empty((E, H, inter), dtype=torch.int8, device=dev)
-        self.w13_s = torch.empty((E, 2 * self._scale_rows(inter), cols(H)), dtype=torch.float32, device=dev)
-        self.w2_s = torch.empty((E, self._scale_rows(H), cols(inter)), dtype=torch.float32, device=dev)
-        half = self._scale_rows(inter)
+        self.w13_s = torch.empty((E, 2 * half, h_cols), dtype=torch.float32, device=dev)  # each half its own grid
+        self.w2_s = torch.empty((E, *self._scale_shape(H, inter)), dtype=torch.float32, device=dev)
         for e in range(E):
             p = f"{prefix}.{e}."
             gq, gs = int8_weight(source, p + "gate_proj.weight", (inter, H), self.scheme)
@@ -76,9 +76,8 @@ class Int8GPUExperts(Operator):
 
     def planned_bytes(self, source, prefix: str, config) -> int:
         E, H, inter = self.n_experts, self.hidden_size, self.intermediate_size
-        cols = (lambda k: -(-k // BLOCK)) if self.scheme == "block" else (lambda k: 1)
-        scales = 2 * self._scale_rows(inter) * cols(H) + self._scale_rows(H) * cols(inter)
-        return E * (3 * inter * H + 4 * scales)
+        (r13, c13), (r2, c2) = self._scale_shape(inter, H), self._scale_shape(H, inter)
+        return E * (3 * inter * H + 4 * (2 * r13 * c13 + r2 * c2))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         from hybrid_r1_kernels.fused_moe import fused_moe
