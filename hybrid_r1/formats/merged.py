@@ -63,17 +63,16 @@ class BlobExperts:
     def __init__(self, ckpt: SafetensorsCheckpoint):
         self.ckpt = ckpt
         self.info: dict[str, dict] = {}
-        for shard in dict.fromkeys(ckpt._where.values()):
-            raw = shard.metadata.get(GGML_KEY)
+        for file, metadata in ckpt.shard_metadata().items():  # each expert file describes its own blobs
+            raw = metadata.get(GGML_KEY)
             if raw is None:
                 continue
             try:
                 entries = json.loads(raw)
                 for name, e in entries.items():
-                    self.info[name] = {"type": int(e["type"]), "ne": tuple(int(x) for x in e["ne"]),
-                                       "file": str(shard.path)}
+                    self.info[name] = {"type": int(e["type"]), "ne": tuple(int(x) for x in e["ne"]), "file": file}
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-                raise CheckpointError(f"unreadable {GGML_KEY} metadata ({err!r})", file=str(shard.path)) from None
+                raise CheckpointError(f"unreadable {GGML_KEY} metadata ({err!r})", file=file) from None
         for name in self.info:
             if not ckpt.has(name) or _BLOB.match(name) is None:
                 raise CheckpointError(f"{GGML_KEY} names a tensor the shard lacks", file=self.info[name]["file"],

@@ -211,6 +211,10 @@ class SafetensorsCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._shard(name).entries[name][0]
 
+    def shard_metadata(self) -> dict[str, dict[str, str]]:
+        """Each shard's own `__metadata__`, by file (`metadata` merges them: keys may repeat)."""
+        return {str(s.path): s.metadata for s in dict.fromkeys(self._where.values())}
+
     def source_files(self) -> list[tuple[str, int]]:
         """(file, header bytes) of every shard: what a copy tool fingerprints."""
         return [(str(s.path), s.data_start) for s in dict.fromkeys(self._where.values())]
