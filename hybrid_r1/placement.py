@@ -185,6 +185,7 @@ def apply(model: nn.Module, rules: list[Rule], default_device: torch.device, dty
                 raise RuleError(f"{rule.where}: {rule.op} computes on {' or '.join(cls.devices)}, but {path} "
                                 f"would be on {device} (give the rule a device)")
             new = cls.from_module(module, device, dtype, rule.args)
+            new.placement_device = device  # where it keeps its weights (hybrid-r1 plan reads it)
             setattr(parent, attr, new)
             if not cls.moves_inputs:
                 _bridge(new, device, parent_device)

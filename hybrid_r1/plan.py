@@ -46,12 +46,12 @@ def memory_plan(module: nn.Module, source, dtype: torch.dtype, context: int, cac
     kinds: dict[tuple[str, str], int] = defaultdict(int)
 
     def visit(mod: nn.Module, prefix: str, device: torch.device) -> None:
+        device = mod.__dict__.get("placement_device", device)  # set by placement.apply
         if isinstance(mod, Operator):
             n = mod.planned_bytes(source, prefix.rstrip("."), config)
-            weights[str(mod_device(mod, device))] += n
-            kinds[str(mod_device(mod, device)), type(mod).name] += n
+            weights[str(device)] += n
+            kinds[str(device), type(mod).name] += n
             return
-        device = mod.__dict__.get("placement_device", device)
         keep32 = fp32_params(mod)
         for name, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
                                                       if n not in mod._non_persistent_buffers_set)]:
@@ -93,10 +93,10 @@ def placement_table(module: nn.Module, placements, dtype: torch.dtype) -> list[R
         p = by_path.get(path)
         if p is not None:
             rule = p.rule.where if p.rule else rule
+        device = mod.__dict__.get("placement_device", device)
         if isinstance(mod, Operator):
-            key = (mod.name, str(mod_device(mod, device)), rule)
+            key = (mod.name, str(device), rule)
         else:
-            device = mod.__dict__.get("placement_device", device)
             own = [n for n, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None]
             keep32 = fp32_params(mod)
             kinds = {"float32" if n in keep32 else str(dtype).removeprefix("torch.") for n in own}
@@ -124,12 +124,6 @@ def _ranges(layers: list[int]) -> str:
             out.append(f"{start}" if start == x else f"{start}-{x}")
             start = None
     return ",".join(out)
-
-
-def mod_device(op: Operator, default: torch.device) -> torch.device:
-    """Where an operator keeps its weights (its own `device`; the CPU experts: the CPU)."""
-    dev = op.__dict__.get("device")
-    return torch.device(dev) if dev is not None else (torch.device("cpu") if op.devices == ("cpu",) else default)
 
 
 def available(device: str) -> int | None:
