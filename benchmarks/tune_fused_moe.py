@@ -34,8 +34,10 @@ M_LIST = (1, 4, 16, 64, 256, 1024, 4096)
 SCHEMES = ("block", "channel", "bf16")
 
 
-def make_experts(n_experts: int, scheme: str, device, gen=None):
-    """Random expert weights in the release layouts (values do not change the timing)."""
+def make_experts(n_experts: int, scheme: str, device, gen=None, inter: int = I):
+    """Random expert weights in the release layouts (values do not change the timing); `inter`:
+    the intermediate size each expert holds (a tensor-parallel rank's part: I / ranks)."""
+    I = inter  # noqa: N806  (the layouts below, at this size)
     kw = dict(device=device, generator=gen)
     if scheme == "bf16":
         return (torch.randn(n_experts, 2 * I, H, dtype=torch.bfloat16, **kw) * 0.02, None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 
 from .errors import HybridR1Error
@@ -47,6 +49,9 @@ class KVCache:
         self._valid = torch.zeros(batch, 0, dtype=torch.bool)  # [B, length] on the CPU
         self._next_pos = torch.zeros(batch, dtype=torch.int64)  # next RoPE position per row
         self.version = 0  # bumped whenever a layer's buffers move (CUDA graphs must be recaptured)
+        # Tensor parallelism: rank 0's caches tell the other ranks' twins of each step and
+        # truncation (parallel.Leader.attach); None on one device and on the other ranks.
+        self.mirror: Callable[..., None] | None = None
 
     # ---- per forward call -------------------------------------------------------------------
     def begin(self, new_valid: torch.Tensor, mode: str) -> Step:
@@ -111,6 +116,8 @@ class KVCache:
         """Forget slots from `length` on (batch 1: used to rewind to a shared prompt prefix)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if self.mirror is not None:
+            self.mirror("truncate", length)
         self._valid = self._valid[:, :length]
         self._next_pos = self._valid.long().sum(1)
         self.length = length

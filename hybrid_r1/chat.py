@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .chat_console import Console, isatty
@@ -22,6 +23,7 @@ from .chat_repl import KEYS, KEYS_HELP, Repl, commands_help
 from .cli_support import check_threads_arg, quiet_broken_pipe
 from .conversation import ChatError, ChatSession, Settings, check_text
 from .errors import HybridR1Error
+from .parallel import follower_process
 
 
 class UsageError(HybridR1Error):
@@ -136,6 +138,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m hybrid_r1.chat") 
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     settings = _check_args(ap, args)
+    if follower_process():  # tensor parallelism: rank 0 reads the input and talks; this rank follows
+        try:
+            open_model(args, Console(open(os.devnull, "w"), open(os.devnull, "w")))  # follows, then exits
+        except (HybridR1Error, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     text = args.prompt
     if text is None and not isatty(sys.stdin):
         text = _read_stdin(ap)

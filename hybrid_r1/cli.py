@@ -60,6 +60,7 @@ def _plan(args) -> int:
     rules = placement.load_rules(args.rules) if args.rules else None
     # A plan may describe the GPU machine a rule file is for: its run dtype is then bfloat16.
     gpu_rules = any(r.device and r.device.startswith("cuda") for r in rules or [])
+    gpu_rules = gpu_rules or args.tp > 1  # tensor parallelism plans GPUs unless --device says cpu
     device, dtype = default_device_dtype(args.device or ("cuda" if gpu_rules else None), None, check=False)
     if args.model and args.model.endswith(".json"):
         from .config import ModelConfig
@@ -84,7 +85,12 @@ def _plan(args) -> int:
     placed = placement.apply(module, rules, device, dtype)
     if source is not None:
         placement.check_sources(placed, source)
-    print(f"{shown}\nunder {why}; default device {device}, {str(dtype).removeprefix('torch.')}")
+    if args.tp > 1:
+        from .parallel import World, shard
+
+        shard(module, World(0, args.tp))  # a planning World: marks the splits, never communicates
+    print(f"{shown}\nunder {why}; default device {device}, {str(dtype).removeprefix('torch.')}"
+          + (f"; tensor-parallel over {args.tp} ranks: memory below is per rank" if args.tp > 1 else ""))
     rows = placement_table(module, placed, dtype)
     w = max(len(r.what) for r in rows)
     print(f"\n{'computed by':<{w}}  {'device':<7} {'modules':>7}  {'layers':<10} rule")
@@ -94,7 +100,7 @@ def _plan(args) -> int:
     gib = 2**30
     print(f"\nmemory: weights as they will be stored, plus the MLA cache for {args.context} tokens")
     for dev in mem.devices:
-        free = available(dev)
+        free = args.gpu_memory * 10**9 if args.gpu_memory and dev.startswith("cuda") else available(dev)
         verdict = {None: "free memory unknown here", True: "fits", False: "does NOT fit"}[fits(mem, dev, free)]
         have = f"; {free / gib:.1f} GiB free" if free is not None else ""
         print(f"  {dev:<7} {mem.total(dev) / gib:8.2f} GiB = weights {mem.weights.get(dev, 0) / gib:.2f} + cache "
@@ -147,6 +153,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--context", type=int, default=32768, metavar="N",
                    help="tokens of MLA cache to plan for (default 32768)")
     p.add_argument("--device", help="default device (default: cuda if present, else cpu)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks (torchrun --nproc-per-node N): show one rank's memory "
+                        "(default 1; with N > 1 the default device is cuda)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="what each GPU holds, in GB (e.g. 80 for an A100-80G) (default: measured here)")
     sub.add_parser("synth", help="write a synthetic checkpoint (hybrid-r1 synth --help)", add_help=False)
     sub.add_parser("chat", help="chat in the terminal, or answer --prompt (hybrid-r1 chat --help)", add_help=False)
     sub.add_parser("serve", help="serve the model over an OpenAI-compatible API (hybrid-r1 serve --help)",
@@ -173,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "plan" and args.tp < 1:
+        subs["plan"].error(f"--tp must be >= 1, got {args.tp}")
     if args.command == "generate":
         if bool(args.model) == bool(args.safetensor or args.gguf) or bool(args.safetensor) != bool(args.gguf):
             g.error("give --model PATH, or --safetensor DIR with --gguf PATH")

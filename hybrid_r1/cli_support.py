@@ -96,7 +96,10 @@ def load_model(path, *, info, threads: int | None = None, progress_stream=None, 
     """hybrid_r1.load with a progress bar; the thread choice is printed through `info` first and
     applied to torch before loading and to the model's ggml experts after. Returns the Runtime."""
     from .loading import load_source, open_checkpoint
+    from .parallel import follower_process
 
+    if follower_process():  # a tensor-parallel rank other than 0: rank 0 speaks for all
+        info, progress_stream = (lambda *a: None), open(os.devnull, "w")
     source = open_checkpoint(path, load_kwargs.pop("gguf", None))  # headers only; the weights stay mapped
     config = source.config
     choice = threads_mod.choose(config.hidden_size, threads)
@@ -109,5 +112,11 @@ def load_model(path, *, info, threads: int | None = None, progress_stream=None, 
     finally:
         bar.close()
     threads_mod.apply(choice, runtime)
-    info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device}")
+    if runtime.world is not None:
+        info(f"loaded in {time.perf_counter() - t0:.1f} s: tensor-parallel over {runtime.world.size} ranks "
+             f"({runtime.world.backend}), this one on {runtime.module.lm_head.weight.device}")
+        if not runtime.world.leader:
+            raise SystemExit(runtime.follow())  # the whole life of a follower rank
+    else:
+        info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device}")
     return runtime

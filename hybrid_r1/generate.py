@@ -121,7 +121,10 @@ def forward_tokens(module: DeepseekV3, tokens: list[int], cache: KVCache, mode: 
     """Feed batch-1 tokens through the model; logits [T or 1, vocab]. The one way tokens enter
     the model: one token with `graphs` replays the decode graphs, anything else runs the module;
     the tokens are recorded in cache.tokens here, once the step has completed (an interrupted step
-    is not, so the caller can drop it)."""
+    is not, so the caller can drop it). Under tensor parallelism rank 0 first tells the other ranks
+    (cache.mirror), whose collectives this step then meets."""
+    if cache.mirror is not None:
+        cache.mirror("forward", list(tokens), mode, last_only, graphs is not None)
     if graphs is not None and len(tokens) == 1:
         out = graphs.step(tokens[0])[None]
     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import placement
+from . import parallel, placement
 from .errors import CheckpointError, HybridR1Error
 from .formats.safetensors import SafetensorsCheckpoint
 from .formats.source import WeightSource, check_tensor
@@ -114,14 +114,18 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
     total = _count(module, module)
     t0 = time.perf_counter()
 
-    def fetch(name: str, like: torch.Tensor, want: torch.dtype, device: torch.device) -> torch.Tensor:
+    def fetch(name: str, like: torch.Tensor, want: torch.dtype, device: torch.device, shard=None) -> torch.Tensor:
         check_tensor(source, name, like.shape)
-        return source.tensor(name, want).to(device)
+        t = source.tensor(name, want)
+        if shard is not None:  # this rank's rows or columns only go to its device
+            t = parallel.slice_param(t, shard, name)
+        return t.to(device)
 
     def visit(mod: nn.Module, prefix: str, device: torch.device) -> None:
         nonlocal done
+        shard = parallel.shard_of(mod)  # this rank's part (tensor parallelism), or None
         if isinstance(mod, Operator):
-            mod.load_weights(source, prefix.rstrip("."))
+            mod.load_weights(source, prefix.rstrip("."), shard)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -130,7 +134,7 @@ def load_weights(module: nn.Module, source: WeightSource, device: torch.device, 
         fp32 = fp32_params(mod)
         for pname, p in list(mod._parameters.items()):
             if p is not None:
-                t = fetch(prefix + pname, p, torch.float32 if pname in fp32 else dtype, device)
+                t = fetch(prefix + pname, p, torch.float32 if pname in fp32 else dtype, device, shard)
                 mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
                 done += 1
         for bname, b in list(mod._buffers.items()):
@@ -187,12 +191,16 @@ def load_source(source: WeightSource, *, rules=None, dtype: torch.dtype | None =
 
     rule_list = _checked_rules(rules, quantize)
     device, dtype = default_device_dtype(device, dtype)
+    world = parallel.from_env(device)  # inside torchrun: this rank's place, its GPU chosen
     if rule_list is None:
         rule_list = placement.default_rules(source, device, quantize)
     placement.check_devices(rule_list, device)
     module = build(source.config)
     placements = placement.apply(module, rule_list, device, dtype)
     placement.check_sources(placements, source)
+    if world is not None:
+        parallel.check_devices(placements, world)
+        parallel.shard(module, world)
     load_weights(module, source, device, dtype, progress)
     placement.fuse(module)
-    return Runtime(module, source, source.tokenizer(), placements)
+    return Runtime(module, source, source.tokenizer(), placements, world)

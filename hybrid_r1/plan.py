@@ -4,7 +4,9 @@
 up, per device, the bytes each tensor will take as it will be stored: operators say so themselves
 (`Operator.planned_bytes`: INT8 + scales, GGML blocks), kept modules hold their tensors in the run
 dtype (the router in fp32); plus the MLA cache for `context` tokens (kv_lora_rank + qk_rope_head_dim
-values per token per layer, on each layer's attention device). Activations, CUDA-graph pools and the
+values per token per layer, on each layer's attention device). Under tensor parallelism
+(parallel.shard on the meta model) the bytes are one rank's: split modules hold 1/world of theirs,
+the rest (and the latent cache) are replicated. Activations, CUDA-graph pools and the
 allocator's slack come on top: a GPU is said to fit only with 10% left over.
 """
 
@@ -47,8 +49,10 @@ def memory_plan(module: nn.Module, source, dtype: torch.dtype, context: int, cac
 
     def visit(mod: nn.Module, prefix: str, device: torch.device) -> None:
         device = mod.__dict__.get("placement_device", device)  # set by placement.apply
+        split = mod.__dict__.get("placement_shard")  # tensor parallelism: a rank holds 1/world
+        ways = split.world if split is not None else 1
         if isinstance(mod, Operator):
-            n = mod.planned_bytes(source, prefix.rstrip("."), config)
+            n = mod.planned_bytes(source, prefix.rstrip("."), config) // ways
             weights[str(device)] += n
             kinds[str(device), type(mod).name] += n
             return
@@ -57,7 +61,7 @@ def memory_plan(module: nn.Module, source, dtype: torch.dtype, context: int, cac
                                                       if n not in mod._non_persistent_buffers_set)]:
             if t is None:
                 continue
-            size = t.numel() * (4 if name in keep32 else dtype.itemsize)
+            size = t.numel() * (4 if name in keep32 else dtype.itemsize) // ways
             weights[str(device)] += size
             kinds[str(device), f"{type(mod).__name__} ({'float32' if name in keep32 else str(dtype).removeprefix('torch.')})"] += size
         for cname, child in mod.named_children():

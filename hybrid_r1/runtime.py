@@ -22,8 +22,16 @@ MODES = ("auto", "naive", "absorb")
 
 
 class Runtime:
-    def __init__(self, module: DeepseekV3, source, tokenizer=None, placements=()):
+    def __init__(self, module: DeepseekV3, source, tokenizer=None, placements=(), world=None):
         self.module = module
+        # Tensor parallelism (hybrid_r1.parallel.World), or None on one device. Rank 0 drives:
+        # its caches mirror each step to the other ranks, which run follow().
+        self.world = world
+        self._leader = None
+        if world is not None and world.leader:
+            from .parallel import Leader
+
+            self._leader = Leader(world)
         self.source = source
         self.tokenizer = tokenizer
         self.placements = list(placements)  # what the rules put where (hybrid_r1.placement.Placement)
@@ -36,7 +44,24 @@ class Runtime:
         return self.module.config
 
     def new_cache(self, batch: int = 1, max_tokens: int | None = None) -> KVCache:
-        return KVCache(self.config.num_hidden_layers, batch, max_tokens)
+        cache = KVCache(self.config.num_hidden_layers, batch, max_tokens)
+        if self._leader is not None:
+            self._leader.attach(cache)
+        return cache
+
+    def follow(self) -> int:
+        """On a tensor-parallel rank other than 0: replay rank 0's steps until its Runtime ends;
+        returns the exit code (hybrid_r1.parallel.follow)."""
+        from .parallel import follow
+
+        if self.world is None or self.world.leader:
+            raise InputError("follow() is for tensor-parallel ranks other than 0")
+        return follow(self)
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel run: tell the other ranks to stop (also done at exit)."""
+        if self._leader is not None:
+            self._leader.close()
 
     def decode_graphs(self, cache: KVCache, create: bool = False) -> G.DecodeGraphs | None:
         """The CUDA-graph decoder bound to `cache` (made with create=True where the model can
@@ -44,6 +69,8 @@ class Runtime:
         runner = self._graphs.get(cache)
         if runner is None and create and cache.batch == 1 and self.module.input_device.type == "cuda":
             why = G.unsupported(self.module)  # a walk of the tree: once per cache, on a GPU only
+            if why is None and self.world is not None and not self.world.graph_safe:
+                why = f"{self.world.backend} collectives cannot be captured (NCCL's can)"
             if why is None:
                 runner = self._graphs[cache] = G.DecodeGraphs(self.module, cache)
             else:

@@ -247,11 +247,12 @@ def quantize_activation(x, scheme: str, rounding: str = "nearest_even"):
 
 def fused_moe(x, w13, w13_s, w2, w2_s, topk_weights, topk_ids, *, scheme: str,
               rounding: str = "nearest_even", configs: tuple[GemmConfig, GemmConfig] | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [T, H] -> sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]), [T, H] in x's dtype (written
     into `out` when given). scheme "block" / "channel" (INT8 weights and scales, layouts above) or
     "bf16" (float weights, w13_s = w2_s = None). configs: (gate_up, down) tile configs; default:
-    tuned table or heuristic (configs.py)."""
+    tuned table or heuristic (configs.py). out_dtype: of the result (default x's; float32 keeps a
+    tensor-parallel rank's partial sum unrounded)."""
     if scheme not in MOE_SCHEMES:
         raise ValueError(f"scheme must be one of {MOE_SCHEMES}, got {scheme!r}")
     if x.dim() != 2 or not x.is_floating_point():
@@ -264,8 +265,9 @@ def fused_moe(x, w13, w13_s, w2, w2_s, topk_weights, topk_ids, *, scheme: str,
     _check_experts("w13", w13, w13_s, E, two_i, H, scheme, True)
     _check_experts("w2", w2, w2_s, E, H, two_i // 2, scheme, False)
     k = topk_ids.shape[1]
-    if out is not None and (tuple(out.shape) != (T, H) or out.dtype != x.dtype):
-        raise ValueError(f"out must be {x.dtype} [{T}, {H}], got {out.dtype} {tuple(out.shape)}")
+    out_dtype = out_dtype or x.dtype
+    if out is not None and (tuple(out.shape) != (T, H) or out.dtype != out_dtype):
+        raise ValueError(f"out must be {out_dtype} [{T}, {H}], got {out.dtype} {tuple(out.shape)}")
     cfg13, cfg2 = configs or (get_moe_config(scheme, E, two_i // 2, H, T, k, True, x.device),
                               get_moe_config(scheme, E, H, two_i // 2, T, k, False, x.device))
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -281,7 +283,7 @@ def fused_moe(x, w13, w13_s, w2, w2_s, topk_weights, topk_ids, *, scheme: str,
                      topk_weights=topk_weights, config=cfg2)
     y = slots.view(T, k, H).sum(dim=1)
     if out is None:
-        return y.to(x.dtype)
+        return y.to(out_dtype)
     return out.copy_(y)
 
 

@@ -1,7 +1,8 @@
 """experts.int8_gpu: a layer's routed experts stacked as INT8 for the fused MoE kernel.
 
-On the CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET), so the
-operator is built directly there; on a GPU it goes through the rules, the loader and CUDA graphs."""
+On the CPU the operator computes the kernel's function in torch (tests/test_kernels_fused_moe.py
+runs the kernel itself in Triton's interpreter); on a GPU it goes through the rules, the loader and
+CUDA graphs."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ PREFIX = "model.layers.1.mlp.experts"
 def test_stacked_experts_compute_the_layer(scheme):
     cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2)
     source = SyntheticWeights(cfg, seed=7)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernel in Triton's interpreter
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: the same function in torch
     op = Int8GPUExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dev, scheme)
     op.load_weights(source, PREFIX)
     g = torch.Generator().manual_seed(3)
@@ -54,6 +55,34 @@ def test_stacked_experts_compute_the_layer(scheme):
     assert 1e-4 < rel < 3e-2, rel
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_slices_add_up_to_the_whole_layer(world):
+    """Tensor parallelism splits each expert's intermediate dimension: the ranks' partial outputs
+    (fp32, unrounded) add up to one device's. Block scheme: a rank's weights and its 128-groups of
+    the SwiGLU output are one device's, so in float64 only the order of additions differs (~1e-16)."""
+    from hybrid_r1.ops.base import Shard
+
+    cfg = preset_config("tiny", vocab_size=64, num_hidden_layers=2, moe_intermediate_size=512)
+    source = SyntheticWeights(cfg, seed=9)
+    whole = Int8GPUExperts(cfg.n_routed_experts, cfg.hidden_size, 512, "cpu", "block")
+    whole.load_weights(source, PREFIX)
+    g = torch.Generator().manual_seed(4)
+    T, k = 7, cfg.num_experts_per_tok
+    x = torch.randn(T, cfg.hidden_size, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    total = torch.zeros(T, cfg.hidden_size, dtype=torch.float64)
+    for rank in range(world):
+        part = Int8GPUExperts(cfg.n_routed_experts, cfg.hidden_size, 512, "cpu", "block")
+        part.load_weights(source, PREFIX, Shard(rank, world, 0))
+        assert part.w13.shape == (cfg.n_routed_experts, 2 * 512 // world, cfg.hidden_size) and part.partial
+        y = part(x, idx, w)
+        assert y.dtype == torch.float64
+        total += y
+    ref = whole(x, idx, w)
+    assert ((total - ref).norm() / ref.norm()).item() < 1e-12
+
+
 def test_placement_and_planned_bytes():
     from hybrid_r1 import placement
     from hybrid_r1.plan import memory_plan
@@ -68,8 +97,8 @@ def test_placement_and_planned_bytes():
     E, H, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     plan = memory_plan(module, None, torch.bfloat16, 0)
     assert plan.by_kind["cuda", "experts.int8_gpu"] == E * (3 * H * inter + 4 * (2 * inter + H))
-    with pytest.raises(placement.RuleError, match="experts.int8_gpu computes on cuda"):
-        placement.parse_rules([{"class": "Experts", "op": "experts.int8_gpu", "device": "cpu"}])
+    with pytest.raises(placement.RuleError, match="scheme"):
+        placement.parse_rules([{"class": "Experts", "op": "experts.int8_gpu", "args": {"scheme": "fp8"}}])
 
 
 @needs_cuda

@@ -50,6 +50,23 @@ def int8_weight(source: WeightSource, name: str, shape: tuple[int, int], scheme:
     return quantize_weight(source.tensor(name, torch.bfloat16), scheme)
 
 
+def slice_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, shard: Shard, name: str):
+    """This rank's rows (dim 0) or columns (dim 1) of an int8 [N, K] weight quantized whole, with
+    the scales that go with them: block scales by 128-tiles (the split must fall on tile edges),
+    channel scales by row. So a rank's slice is bit-identical to that part of one GPU's weight."""
+    align = BLOCK if scheme == "block" else 1
+    try:
+        lo, hi = shard.bounds(q.shape[shard.dim], align)
+    except ValueError as e:
+        raise CheckpointError(f"cannot split for tensor parallelism: {e}", tensor=name) from None
+    q = q.narrow(shard.dim, lo, hi - lo)
+    if scheme == "block":
+        s = s.narrow(shard.dim, lo // BLOCK, (hi - lo) // BLOCK)
+    elif shard.dim == 0:
+        s = s.narrow(0, lo, hi - lo)
+    return q, s
+
+
 class Int8Linear(LinearOperator):
     scheme = ""  # set by subclasses
     Args = Int8Args
@@ -66,6 +83,9 @@ class Int8Linear(LinearOperator):
         self.weight_scale: torch.Tensor | None = None  # fp32, layout per scheme
         self._cpu_dense: torch.Tensor | None = None  # fp32 dequantized weight, CPU path only
         self.glu = False  # fused gate+up: weight = cat(gate, up), output silu(gate) * up
+        # Row-parallel under tensor parallelism (Shard dim 1): the output is this rank's partial
+        # sum, kept in fp32 so the ranks' total rounds once to the run dtype (parallel.py).
+        self.partial = False
 
     @classmethod
     def from_module(cls, module: nn.Linear, device, dtype, args: Int8Args) -> "Int8Linear":
@@ -90,22 +110,12 @@ class Int8Linear(LinearOperator):
         q, s = int8_weight(source, name, (self.out_features, self.in_features), self.scheme)
         if shard is not None:  # quantized whole first: a rank's slice is bit-identical to one GPU's
             q, s = self._slice(q, s, shard, name)
+            self.partial = shard.dim == 1
         self.weight = q.to(self.device).contiguous()
         self.weight_scale = s.to(self.device).contiguous()
 
     def _slice(self, q: torch.Tensor, s: torch.Tensor, shard: Shard, name: str):
-        """This rank's rows (dim 0) or columns (dim 1) of the weight, with the scales that go with
-        them: block scales by 128-tiles (the split must fall on tile edges), channel scales by row."""
-        align = BLOCK if self.scheme == "block" else 1
-        try:
-            lo, hi = shard.bounds(q.shape[shard.dim], align)
-        except ValueError as e:
-            raise CheckpointError(f"cannot split for tensor parallelism: {e}", tensor=name) from None
-        q = q.narrow(shard.dim, lo, hi - lo)
-        if self.scheme == "block":
-            s = s.narrow(shard.dim, lo // BLOCK, (hi - lo) // BLOCK)
-        elif shard.dim == 0:
-            s = s.narrow(0, lo, hi - lo)
+        q, s = slice_int8(q, s, self.scheme, shard, name)
         self.out_features, self.in_features = q.shape
         return q, s
 
@@ -117,7 +127,8 @@ class Int8Linear(LinearOperator):
                 fn = k.int8_block_gate_up if self.scheme == "block" else k.int8_channel_gate_up
             else:
                 fn = k.int8_block_linear if self.scheme == "block" else k.int8_channel_linear
-            return fn(x, self.weight, self.weight_scale, rounding=self.rounding, out_dtype=x.dtype)
+            return fn(x, self.weight, self.weight_scale, rounding=self.rounding,
+                      out_dtype=torch.float32 if self.partial else x.dtype)
         y = self._cpu_forward(x)
         if self.glu:
             gate, up = y.chunk(2, -1)
@@ -143,22 +154,25 @@ class Int8Linear(LinearOperator):
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same W8A8 function on the CPU: quantize-dequantize the activation exactly as the
         kernels do, then one matmul with the dequantized weight (kept after the first call). Each
-        int8 tile product is exact in fp32 either way; only the order of the fp32 sums differs."""
+        int8 tile product is exact in fp32 either way; only the order of the fp32 sums differs. A
+        float64 run sums in float64 (the products of int8 and fp32 scales are exact there)."""
         from hybrid_r1_kernels.reference import act_quant_ref
 
-        if self._cpu_dense is None:
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self._cpu_dense is None or self._cpu_dense.dtype != wide:
             from ..quant import dequant_int8
 
-            self._cpu_dense = dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale})
+            self._cpu_dense = dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale}).to(wide)
         group = BLOCK if self.scheme == "block" else None
         q, s = act_quant_ref(x, group, self.rounding)
         g = group or x.shape[-1]
-        xq = (q.float().unflatten(-1, (-1, g)) if x.shape[-1] % g == 0 else None)
+        xq = (q.to(wide).unflatten(-1, (-1, g)) if x.shape[-1] % g == 0 else None)
         if xq is None:  # a partial last group: expand the scales instead of reshaping
-            xd = q.float() * s.repeat_interleave(g, -1)[..., : x.shape[-1]]
+            xd = q.to(wide) * s.to(wide).repeat_interleave(g, -1)[..., : x.shape[-1]]
         else:
-            xd = (xq * s[..., None]).flatten(-2)
-        return F.linear(xd, self._cpu_dense).to(x.dtype)
+            xd = (xq * s.to(wide)[..., None]).flatten(-2)
+        y = F.linear(xd, self._cpu_dense)
+        return y if self.partial else y.to(x.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         """Dequantized [N, K] weight in the run dtype (the absorbed attention reads kv_b_proj so)."""
