@@ -268,6 +268,17 @@ class Leader:
             except (RuntimeError, ValueError) as e:  # a follower already gone: nothing to tell
                 log.debug("could not tell the followers to stop: %s", e)
             self._closed = True
+            shutdown()
+
+
+def shutdown() -> None:
+    """Leave the process group: its communication threads must end before the interpreter does
+    (else the C++ runtime aborts the exiting process)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError) as e:
+            log.debug("leaving the process group: %s", e)
 
 
 @dataclass
@@ -292,12 +303,14 @@ def follow(runtime) -> int:
             dist.broadcast_object_list(box, src=0, group=world.control)
         except (RuntimeError, ValueError) as e:  # rank 0 died: its socket closed under us
             log.error("rank %d: rank 0 stopped without a word (%s); exiting", world.rank, e)
+            shutdown()
             return 1
         dropped, msg = box[0]
         for cid in dropped:
             caches.pop(cid, None)
         kind = msg[0]
         if kind == "exit":
+            shutdown()
             return 0
         if kind == "cache":
             _, cid, batch, max_tokens = msg
