@@ -199,6 +199,7 @@ def load_source(source: WeightSource, *, rules=None, dtype: torch.dtype | None =
     placements = placement.apply(module, rule_list, device, dtype)
     placement.check_sources(placements, source)
     if world is not None:
+        parallel.check_same_source(world, source)
         parallel.check_devices(placements, world)
         parallel.shard(module, world)
     load_weights(module, source, device, dtype, progress)

@@ -140,6 +140,25 @@ def follower_process() -> bool:
     return _env_int("WORLD_SIZE", 1) > 1 and _env_int("RANK", 0) > 0
 
 
+def check_same_source(world: World, source) -> None:
+    """Every rank opened the same checkpoint: its config and tensor table (names and shapes, from
+    the headers) hashed on each rank and compared with rank 0's. A rank on another node reading a
+    different copy or version would otherwise compute garbage silently."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(vars(source.config), sort_keys=True, default=str).encode())
+    for name in sorted(source.names()):
+        h.update(f"{name}:{tuple(source.shape(name))};".encode())
+    mine = h.hexdigest()[:16]
+    every: list[str | None] = [None] * world.size
+    dist.all_gather_object(every, mine, group=world.control)
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise ParallelError(f"ranks {', '.join(map(str, odd))} opened a checkpoint that differs from rank 0's "
+                            f"({source.path}: config or tensor table): every rank must load the same files")
+
+
 # ---- sharding the placed model --------------------------------------------------------------------
 
 def check(config, size: int) -> None:

@@ -132,6 +132,17 @@ def test_a_dead_rank_0_ends_the_others(tp_dir, tmp_path):
     assert "rank 0 stopped" in results[1].stderr
 
 
+def test_ranks_that_open_different_checkpoints_are_refused(tp_dir):
+    other = Path(f"{tp_dir}-other")
+    if not other.exists():
+        cfg = preset_config("tiny", **{**TP_MODEL, "num_hidden_layers": 4})
+        write_checkpoint(other, SyntheticWeights(cfg, seed=5), tokenizer=False)
+    results = run_ranks(2, tp_dir, other / "none.pt", mode="mismatch")
+    for r in results:
+        assert r.returncode != 0
+        assert "ranks 1 opened a checkpoint that differs from rank 0's" in r.stderr
+
+
 def test_world_sizes_that_do_not_divide_are_refused():
     cfg = preset_config("tiny", **TP_MODEL)
     with pytest.raises(parallel.ParallelError, match="world size 3 does not divide the model's 8 attention heads"):

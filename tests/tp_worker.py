@@ -10,6 +10,8 @@ import hybrid_r1
 
 
 def main(path: str, rules: str, out: str, device: str, dtype: str, mode: str) -> int:
+    if mode == "mismatch" and os.environ["RANK"] == "1":
+        path = path + "-other"  # another model: the load must refuse it on every rank
     if mode == "one-gpu":  # every rank on the one GPU there is: NCCL refuses that, gloo does not
         torch.distributed.init_process_group("gloo")
     rt = hybrid_r1.load(path, rules=rules, device=device, dtype=getattr(torch, dtype))
