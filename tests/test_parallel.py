@@ -125,6 +125,30 @@ def test_tensor_parallel_on_a_gpu(tp_dir, tmp_path):
     assert err <= 2e-2
 
 
+def test_generate_command_under_torchrun(tmp_path_factory):
+    """`torchrun ... -m hybrid_r1.cli generate`: rank 0 prints the answer, the other rank nothing."""
+    import json
+
+    cfg = preset_config("tiny", **{**TP_MODEL, "vocab_size": 129280})  # the real tokenizer's vocabulary
+    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tp_tok", SyntheticWeights(cfg, seed=6))
+    port = _free_port()
+    cmd = [sys.executable, "-m", "hybrid_r1.cli", "generate", "--model", str(path), "--rules", RULES,
+           "--device", "cpu", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0", "--json"]
+    procs = [subprocess.Popen(cmd, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                                            HYBRID_R1_TP_TIMEOUT="60"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=TIME_LIMIT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    answer = json.loads(outs[0][0])
+    assert len(answer["tokens"]) == 4 and "tensor-parallel over 2 ranks" in outs[0][1]
+    assert outs[1][0] == "" and outs[1][1] == ""  # the follower prints nothing
+
+
 def test_a_dead_rank_0_ends_the_others(tp_dir, tmp_path):
     results = run_ranks(2, tp_dir, tmp_path / "none.pt", mode="die")
     assert results[0].returncode == 3
