@@ -118,6 +118,7 @@ class DecodeGraphs:
         self.synced = -1  # cache length the mask reflects
         self.logits: torch.Tensor | None = None
         self.host_work = [m for m in module.modules() if isinstance(m, Operator) and m.host_work]
+        self._step_done: torch.cuda.Event | None = None
 
     # ---- the static step ---------------------------------------------------------------------
     def _build(self) -> None:
@@ -217,7 +218,11 @@ class DecodeGraphs:
             out = self.logits
         if self.host_work:  # the caller reads the logits next anyway: the wait costs nothing extra
             if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+                # a blocking wait: a spinning one would take a core from the CPU experts meanwhile
+                if self._step_done is None:
+                    self._step_done = torch.cuda.Event(blocking=True)
+                self._step_done.record(torch.cuda.current_stream(self.device))
+                self._step_done.synchronize()
             for op in self.host_work:
                 op.host_check()
         return out

@@ -148,7 +148,8 @@ class HostWorker:
         if err:
             self.failure = HandoffError(
                 f"the stream waited too long for request {err} from the CPU experts' worker "
-                f"({'alive' if self.alive else 'not running'}); its output is NaN")
+                f"({'alive' if self.alive else 'not running'}, done word {int(self._words[LAYOUT['done']])}, "
+                f"{self.stats['requests']} requests served); its output is NaN")
             raise self.failure
 
     # ---- the worker thread -------------------------------------------------------------------
@@ -248,7 +249,6 @@ def overlapped(w: HostWorker, slot: Slot, x: torch.Tensor, idx: torch.Tensor, to
     w.raise_if_failed()
     if not w.alive:
         raise HandoffError("the CPU experts' hand-over worker is not running (stopped at exit?)")
-    n = x.shape[0]
     seq = w.seq(x.device)
     k.submit(x.contiguous(), idx.to(slot.idx.dtype).contiguous(), topk_w.float().contiguous(), slot.x, slot.idx,
              slot.w, seq, w.ctrl, slot.index, LAYOUT)

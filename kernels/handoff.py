@@ -51,7 +51,7 @@ def _copy(src, dst, n, BLOCK: tl.constexpr):
         tl.store(dst + o, tl.load(src + o, mask=m), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot", "n_tokens", "n_x", "n_k"])  # 1 would become a constant
 def _submit_kernel(x, idx, w, hx, hidx, hw, seq, ctrl, slot, n_tokens, n_x, n_k,
                    REQ: tl.constexpr, SLOT: tl.constexpr, NTOK: tl.constexpr, BLOCK: tl.constexpr):
     _copy(x, hx, n_x, BLOCK)
@@ -64,7 +64,7 @@ def _submit_kernel(x, idx, w, hx, hidx, hw, seq, ctrl, slot, n_tokens, n_x, n_k,
     _st_release_sys(ctrl + REQ, number)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "timeout_ns"])
 def _collect_kernel(hout, beside, out, seq, ctrl, n, timeout_ns, HAS_BESIDE: tl.constexpr,
                     DONE: tl.constexpr, ERR: tl.constexpr, BLOCK: tl.constexpr):
     number = tl.load(seq)

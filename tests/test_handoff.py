@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import needs_cuda
+from test_experts_ggml import PREFIX, FakeSource, expert_tensors
+
 from hybrid_r1.handoff import LAYOUT, HandoffError, HostWorker
 from hybrid_r1.ops import OpArgsError
 from hybrid_r1.ops.experts_ggml import GGMLArgs, GGMLExperts
 from hybrid_r1.ops.experts_ggml_overlap import OverlappedGGMLExperts
-from test_experts_ggml import PREFIX, FakeSource, expert_tensors
 
 E, H, K = 8, 256, 4
 WAIT_S = 10.0  # the test thread's patience: far above a tiny ggml call (~ms) on a loaded 2-core box
@@ -167,11 +167,11 @@ def test_overlap_arg_picks_the_overlapped_operator_and_cpu_calls_run_serially():
 
 # ---- on the GPU ------------------------------------------------------------------------------------
 
-def _hybrid_model(tmp_path, overlap: bool, timeout_s: float | None = None):
+def _hybrid_model(tmp_path, overlap: bool, timeout_s: float = 10.0):
     import yaml
+    from conftest import SMALL_VOCAB
 
     import hybrid_r1
-    from conftest import SMALL_VOCAB
     from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
     from hybrid_r1.synth import SyntheticWeights, preset_config
 
@@ -181,8 +181,7 @@ def _hybrid_model(tmp_path, overlap: bool, timeout_s: float | None = None):
         write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=3), gguf, type_mix="Q8_0")
     rules = yaml.safe_load((Path(__file__).resolve().parent.parent / "rules" / "int8-gpu-ggml-experts.yaml").read_text())
     rules[0]["args"]["overlap"] = overlap
-    if timeout_s is not None:
-        rules[0]["args"]["overlap_timeout_s"] = timeout_s
+    rules[0]["args"]["overlap_timeout_s"] = timeout_s  # a broken hand-shake fails fast, not in 60 s a layer
     path = tmp_path / f"rules-{overlap}-{timeout_s}.yaml"
     path.write_text(yaml.safe_dump(rules))
     return hybrid_r1.load(gguf, rules=path)
