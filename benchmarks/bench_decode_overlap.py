@@ -106,7 +106,7 @@ def handover_us(device, hidden: int, k: int, calls: int = 32, reps: int = 20) ->
     idx = torch.randint(0, 256, (1, k), device=device)
     wt = torch.rand(1, k, device=device)
     for _ in range(3):
-        y = handoff.overlapped(w, slot, x, idx, wt, None, 10.0)
+        y = handoff.overlapped(w, slot, x, idx, wt, None, 2.0)
     torch.cuda.synchronize()
     w.raise_if_failed()
     assert torch.equal(y, x), "the echo came back wrong"
@@ -117,7 +117,7 @@ def handover_us(device, hidden: int, k: int, calls: int = 32, reps: int = 20) ->
         g.capture_begin()
         y = x
         for _ in range(calls):
-            y = handoff.overlapped(w, slot, y, idx, wt, None, 10.0)
+            y = handoff.overlapped(w, slot, y, idx, wt, None, 2.0)
         g.capture_end()
     torch.cuda.current_stream().wait_stream(side)
     hx, hi, hw, hy = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (x, idx, wt, x))
@@ -176,10 +176,6 @@ def main(argv=None) -> int:
     dram = dram_read_gbs(threads)  # before the experts fill the RAM; same kind of memory (anonymous)
     torch.set_num_threads(threads)
     hbm = hbm_gbs(device)
-    try:
-        echo = handover_us(device, 7168, 8)
-    except Exception as e:  # noqa: BLE001 - reported in the results: the serial numbers still count
-        echo = {f"FAILED ({type(e).__name__}: {str(e)[:300]})": float("nan")}
 
     cfg = preset_config("full-slice", num_hidden_layers=args.layers, first_k_dense_replace=1)
     n_moe = args.layers - 1
@@ -188,7 +184,7 @@ def main(argv=None) -> int:
     module = build(cfg)
     rules = yaml.safe_load(RULES.read_text())
     rules[0]["args"]["overlap"] = True
-    rules[0]["args"]["overlap_timeout_s"] = 20.0
+    rules[0]["args"]["overlap_timeout_s"] = 5.0
     placements = placement.apply(module, placement.parse_rules(rules, where=str(RULES)), device, torch.bfloat16)
     load_weights(module, HybridSource(cfg, tiled, 1), device, torch.bfloat16)
     fuse(module)
@@ -271,6 +267,11 @@ def main(argv=None) -> int:
             traceback.print_exc()
             failed = f"{type(e).__name__}: {str(e)[:300]}"
     gpu_ms, kv_bytes = results["serial"]["gpu"], results["serial"]["kv_bytes"]
+    try:  # last: a broken hand-shake must not cost the decode numbers
+        echo = handover_us(device, 7168, 8)
+    except Exception as e:  # noqa: BLE001 - reported in the results
+        traceback.print_exc()
+        echo = {f"FAILED ({type(e).__name__}: {str(e)[:300]})": float("nan")}
 
     weights_gpu = gpu_bytes(module)
     step_gpu_bytes = weights_gpu + kv_bytes

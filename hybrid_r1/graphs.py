@@ -90,6 +90,10 @@ class _Break(nn.Module):
         super().__init__()
         self.runner, self.inner = runner, inner
 
+    @property
+    def runs_beside(self) -> bool:  # model.MoE reads it of whatever computes its experts
+        return self.inner.runs_beside
+
     def forward(self, *args):
         if not self.runner.capturing:
             return self.inner(*args)

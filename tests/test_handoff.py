@@ -165,6 +165,26 @@ def test_overlap_arg_picks_the_overlapped_operator_and_cpu_calls_run_serially():
     assert torch.equal(over(x, idx, w, lambda: shared), serial(x, idx, w) + shared)
 
 
+def test_moe_reads_runs_beside_through_a_graph_break(tiny_model):
+    # While capturing, the graph runner wraps modules that break the graph (graphs._Break): MoE must
+    # still learn from the wrapper whether its experts run the shared expert beside them.
+    from types import SimpleNamespace
+
+    from hybrid_r1 import graphs
+    from hybrid_r1.model import MoE
+
+    moe = next(b.mlp for b in tiny_model.module.model.layers if isinstance(b.mlp, MoE))
+    x = torch.randn(3, tiny_model.config.hidden_size)
+    want = moe(x)
+    inner = moe.experts
+    moe.experts = graphs._Break(SimpleNamespace(capturing=False), inner)
+    try:
+        assert moe.experts.runs_beside is False
+        assert torch.equal(moe(x), want)
+    finally:
+        moe.experts = inner
+
+
 # ---- on the GPU ------------------------------------------------------------------------------------
 
 def _hybrid_model(tmp_path, overlap: bool, timeout_s: float = 10.0):
