@@ -94,7 +94,7 @@ class HostWorker:
         method's object may go away: its slot is then dropped)."""
         ref = weakref.WeakMethod(compute) if isinstance(compute, types.MethodType) else (lambda: compute)
         pin = self.pinned
-        with self._lock:
+        with self._lock, torch.inference_mode(False):  # plain tensors, writable by any thread in any mode
             index = self._next_slot
             self._next_slot += 1
             slot = Slot(index, name,
@@ -154,6 +154,11 @@ class HostWorker:
 
     # ---- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        # The mode is per thread: a compute that makes tensors must not make them need autograd.
+        with torch.inference_mode():
+            self._poll()
+
+    def _poll(self) -> None:
         words = self._words
         last = int(words[LAYOUT["done"]])
         idle_since = time.perf_counter()
@@ -166,7 +171,12 @@ class HostWorker:
                 time.sleep(0 if now - idle_since < HOT_S else IDLE_SLEEP_S)
                 continue
             t0 = time.perf_counter()
-            self._serve(req, last)
+            try:
+                self._serve(req, last)
+            except BaseException as e:  # never die with the stream waiting: answer, then report
+                self._fail(req, None, f"the hand-over worker failed: {type(e).__name__}: {e}", e)
+                if not isinstance(e, Exception):
+                    raise
             last = req
             idle_since = time.perf_counter()
             self.stats["busy_s"] += idle_since - t0
@@ -198,9 +208,11 @@ class HostWorker:
         if why is not None and self.failure is None:
             self.failure = HandoffError(why)
             self.failure.__cause__ = cause
-        if slot is not None:
-            slot.out.fill_(math.nan)
-        self._words[LAYOUT["done"]] = req
+        try:
+            if slot is not None:
+                slot.out.fill_(math.nan)
+        finally:
+            self._words[LAYOUT["done"]] = req
 
     # ---- the stream's side, played by a thread (tests without a GPU) ----------------------------
     def post(self, slot: Slot, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, number: int | None = None) -> int:

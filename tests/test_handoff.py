@@ -73,6 +73,27 @@ def test_worker_answers_each_request_with_the_compute(worker):
     assert worker.stats["requests"] == 6
 
 
+@pytest.mark.parametrize("made_in_inference_mode", [True, False])
+def test_buffers_made_in_either_mode_are_written_in_both(worker, made_in_inference_mode):
+    # Decodes run under torch.inference_mode() (per thread): tensors made there are inference
+    # tensors, which code outside it may not write. The slot's buffers and ggml's arena must be
+    # writable by the worker and by serial calls whichever thread and mode made them first.
+    tensors = expert_tensors((8, 8, 8), seed=14)
+    serial = GGMLExperts(E, H, H, threads=2)
+    serial.load_weights(FakeSource(tensors), PREFIX)
+    op = OverlappedGGMLExperts(E, H, H, threads=2)
+    op.load_weights(FakeSource(tensors), PREFIX)
+    first = torch.inference_mode(made_in_inference_mode)
+    with first:
+        slot = worker.add_slot(op.module_name, op._host_compute, H, K, torch.bfloat16, torch.int64, max_tokens=1)
+        x, idx, w = inputs(1, seed=31, dtype=torch.bfloat16)
+        got = roundtrip(worker, slot, x, idx, w)  # the worker makes ggml's graph for 1 token
+    with torch.inference_mode(not made_in_inference_mode):  # then the other mode, on this thread
+        assert torch.equal(serial(x, idx, w), got)
+        assert torch.equal(roundtrip(worker, slot, x, idx, w), got)
+    worker.raise_if_failed()
+
+
 def test_worker_runs_ggml_experts_as_the_serial_path(worker):
     tensors = expert_tensors((8, 8, 8), seed=11)  # Q8_0
     serial = GGMLExperts(E, H, H, threads=2)
