@@ -109,7 +109,7 @@ class HostWorker:
         """The device counter the stream numbers its requests with (one device per process)."""
         with self._lock:
             if device not in self._seq:
-                if torch.cuda.is_current_stream_capturing():  # a graph would reset it on every replay
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a graph would reset it
                     raise HandoffError("the first overlapped call must run eagerly, not under graph capture")
                 if self._seq:
                     raise HandoffError(f"overlapped calls come from {next(iter(self._seq))} already; "
@@ -242,11 +242,11 @@ _worker_lock = threading.Lock()
 
 
 def worker() -> HostWorker:
-    """The process's worker (pinned control words), started on first use, stopped at exit."""
+    """The process's worker (pinned control words where CUDA is), started on first use, stopped at exit."""
     global _worker
     with _worker_lock:
         if _worker is None:
-            _worker = HostWorker(pinned=True)
+            _worker = HostWorker(pinned=torch.cuda.is_available())
             atexit.register(_worker.stop)
         _worker.start()
         return _worker

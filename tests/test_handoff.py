@@ -206,6 +206,76 @@ def test_moe_reads_runs_beside_through_a_graph_break(tiny_model):
         moe.experts = inner
 
 
+class _CPUStream:
+    """kernels/handoff.py's submit and collect for CPU tensors: what the stream does, in order,
+    played by the calling thread (the worker is the real one)."""
+
+    @staticmethod
+    def submit(x, idx, w, hx, hidx, hw, seq, ctrl, slot, layout):
+        n = x.shape[0]
+        hx[:n], hidx[:n], hw[:n] = x, idx, w
+        seq += 1
+        ctrl[layout["slot"]], ctrl[layout["ntok"]] = slot, n
+        ctrl[layout["req"]] = seq[0]
+
+    @staticmethod
+    def collect(hout, beside, seq, ctrl, shape, dtype, timeout_ns, layout):
+        deadline = time.perf_counter() + timeout_ns / 1e9
+        while int(ctrl[layout["done"]]) != int(seq[0]):
+            if time.perf_counter() > deadline:
+                ctrl[layout["err"]] = seq[0]
+                return torch.full(shape, math.nan, dtype=dtype)
+            time.sleep(0)
+        y = hout.flatten()[: math.prod(shape)].view(shape).float()
+        return (y if beside is None else y + beside.float()).to(dtype)
+
+
+def test_model_decode_through_the_worker_equals_serial(tmp_path, monkeypatch):
+    # The whole overlapped path but the two Triton kernels, on the CPU: MoE passes the shared
+    # expert beside, the op registers its slot (under a decode's inference mode), the process's
+    # worker runs ggml on it while this thread computes the shared expert; the same greedy tokens
+    # and, the same ggml graph on the same inputs, the same logits bit for bit.
+    import yaml
+
+    import hybrid_r1
+    import hybrid_r1_kernels
+    from conftest import SMALL_VOCAB, random_ids
+    from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
+    from hybrid_r1.generate import forward_tokens, prefill
+    from hybrid_r1.synth import SyntheticWeights, preset_config
+
+    cfg = preset_config("tiny", vocab_size=SMALL_VOCAB, q_lora_rank=128)
+    (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=4), tmp_path / "m.gguf", type_mix="Q8_0")
+    rules = yaml.safe_load((Path(__file__).resolve().parent.parent / "rules" / "cpu-ggml-experts.yaml").read_text())
+    models = {}
+    for overlap in (False, True):
+        rules[0]["args"] = {"threads": 2, "overlap": overlap, "overlap_timeout_s": WAIT_S}
+        path = tmp_path / f"rules-{overlap}.yaml"
+        path.write_text(yaml.safe_dump(rules))
+        models[overlap] = hybrid_r1.load(gguf, rules=path)
+    ops = [m for m in models[True].module.modules() if isinstance(m, OverlappedGGMLExperts)]
+    assert ops and all(op.runs_beside for op in ops)
+    monkeypatch.setattr(OverlappedGGMLExperts, "hands_over", staticmethod(lambda x: True))
+    monkeypatch.setattr(hybrid_r1_kernels, "handoff", _CPUStream, raising=False)
+    monkeypatch.setitem(__import__("sys").modules, "hybrid_r1_kernels.handoff", _CPUStream)
+    from hybrid_r1 import handoff
+
+    served = handoff.worker().stats["requests"]
+    prompt = random_ids(6, seed=9)  # <= 8 tokens: the prompt hands over too
+    runs = {}
+    with torch.inference_mode():
+        for overlap, model in models.items():
+            cache = model.new_cache()
+            logits = [prefill(model.module, prompt, cache)]
+            for _ in range(6):
+                logits.append(forward_tokens(model.module, [int(logits[-1].argmax())], cache)[-1])
+            runs[overlap] = torch.stack(logits)
+    n_moe = sum(1 for b in models[True].module.model.layers if cfg.is_moe_layer(b.self_attn.layer))
+    assert handoff.worker().stats["requests"] - served == 7 * n_moe  # every MoE call of every step
+    assert torch.equal(runs[True], runs[False])
+    handoff.worker().raise_if_failed()
+
+
 # ---- on the GPU ------------------------------------------------------------------------------------
 
 def _hybrid_model(tmp_path, overlap: bool, timeout_s: float = 10.0):

@@ -44,18 +44,23 @@ class OverlappedGGMLExperts(GGMLExperts):
             raise RuntimeError("GGMLExperts: load_weights first")
         n = x.shape[0]
         on_gpu = self.prefill is not None and n >= self.prefill_min_tokens
-        if x.is_cuda and 1 <= n <= MAX_TOKENS and not on_gpu:
-            worker, slot = self._handoff(topk_idx.shape[1], x.dtype)
+        if self.hands_over(x) and 1 <= n <= MAX_TOKENS and not on_gpu:
+            worker, slot = self._handoff(topk_idx.shape[1], x.dtype, x.device)
             return handoff.overlapped(worker, slot, x, topk_idx, topk_w, beside, self.overlap_timeout_s)
         y = super().forward(x, topk_idx, topk_w)
         return y if beside is None else y + beside()
 
-    def _handoff(self, k: int, dtype: torch.dtype) -> tuple[handoff.HostWorker, handoff.Slot]:
+    @staticmethod
+    def hands_over(x: torch.Tensor) -> bool:
+        """Calls from a GPU hand over (CPU inputs gain nothing: they take the serial path)."""
+        return x.is_cuda
+
+    def _handoff(self, k: int, dtype: torch.dtype, device: torch.device) -> tuple[handoff.HostWorker, handoff.Slot]:
         if self.worker is None:
             self.worker = handoff.worker()
         worker, slot = self.worker, self._slot
         if slot is None or slot.idx.shape[1] != k or slot.x.dtype != dtype:
-            if torch.cuda.is_current_stream_capturing():  # a graph would bake in buffers made now
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a graph would bake in buffers made now
                 raise handoff.HandoffError(f"{self.module_name}: the first overlapped call must run eagerly")
             slot = self._slot = worker.add_slot(self.module_name, self._host_compute, self.hidden_size, k, dtype,
                                                 torch.int64, MAX_TOKENS)
