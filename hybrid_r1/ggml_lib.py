@@ -264,7 +264,8 @@ class MoEGraph:
         self.ids = view("ids", T * k, np.int32, (T, k))
         self.w = view("w", T * k, np.float32, (T, k))
         self.out = view("gu_y", T * k * H, np.float32, (T, k, H))[:, 0, :]  # the sum lands in slot 0
-        self.tensors = {name: torch.from_numpy(getattr(self, name)) for name in ("x", "ids", "w", "out")}
+        with torch.inference_mode(False):  # plain tensors: written from any thread, in inference mode or not
+            self.tensors = {name: torch.from_numpy(getattr(self, name)) for name in ("x", "ids", "w", "out")}
         self.plan = None  # ggml_cplan, made by the executor on first run
 
     def bind(self, weights: ExpertWeights) -> None:

@@ -10,7 +10,10 @@ Operators that declare `host_sync` (ops/base.py: the CPU experts of the hybrid p
 model's reference Experts (it loops over the used experts, which it learns from the host) break the
 capture: the graph ends before such a module, it runs eagerly, and the next graph starts after
 it, reading its output from a fixed buffer. So a hybrid step is one replay per layer plus the CPU
-experts, in order, on the current stream.
+experts, in order, on the current stream. Operators that hand their host work over inside the
+stream instead (`host_work`: experts.ggml_cpu with `overlap: true`) are graph-safe: the step is one
+graph, and after each step the runner waits for it and calls their `host_check()`, so a failure
+on the host thread raises here rather than leaving NaN logits.
 
 Graphs are used only when everything but the modules that break them sits on one GPU and no
 operator declares itself unsafe to capture (`graph_safe = False` without `host_sync`):
@@ -87,6 +90,10 @@ class _Break(nn.Module):
         super().__init__()
         self.runner, self.inner = runner, inner
 
+    @property
+    def runs_beside(self) -> bool:  # model.MoE reads it of whatever computes its experts
+        return self.inner.runs_beside
+
     def forward(self, *args):
         if not self.runner.capturing:
             return self.inner(*args)
@@ -114,6 +121,8 @@ class DecodeGraphs:
         self.version = None  # cache.version the static step was built for
         self.synced = -1  # cache length the mask reflects
         self.logits: torch.Tensor | None = None
+        self.host_work = [m for m in module.modules() if isinstance(m, Operator) and m.host_work]
+        self._step_done: torch.cuda.Event | None = None
 
     # ---- the static step ---------------------------------------------------------------------
     def _build(self) -> None:
@@ -211,4 +220,13 @@ class DecodeGraphs:
             for seg in self.segments:
                 seg()
             out = self.logits
+        if self.host_work:  # the caller reads the logits next anyway: the wait costs nothing extra
+            if self.device.type == "cuda":
+                # a blocking wait: a spinning one would take a core from the CPU experts meanwhile
+                if self._step_done is None:
+                    self._step_done = torch.cuda.Event(blocking=True)
+                self._step_done.record(torch.cuda.current_stream(self.device))
+                self._step_done.synchronize()
+            for op in self.host_work:
+                op.host_check()
         return out

@@ -265,6 +265,7 @@ class Experts(nn.ModuleList):
     breaks around it (graphs.py), as around any operator that declares host_sync."""
 
     host_sync = True
+    runs_beside = False  # MoE adds the shared expert after (a replacement may declare it runs beside)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
@@ -295,9 +296,12 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)
+        shared = self.shared_experts
+        if shared is not None and self.experts.runs_beside:  # e.g. on the GPU while the CPU computes the routed
+            return self.experts(x, idx, w, lambda: shared(x)).view(shape)
         y = self.experts(x, idx, w)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        if shared is not None:
+            y = y + shared(x)
         return y.view(shape)
 
 

@@ -13,6 +13,12 @@ guessing:
     moves_inputs  takes inputs on any device and returns on the input's device itself (placement
                   then adds no bridge: e.g. the CPU experts copy GPU inputs through pinned buffers)
     shardable     load_weights accepts a `Shard` (tensor parallelism: this rank's slice)
+    runs_beside   (an Experts replacement) takes `forward(x, idx, w, beside)`: `beside` is a callable
+                  (the shared expert) whose result it adds to its own, run while its own work is
+                  in flight elsewhere (model.MoE passes it; without the flag MoE adds it after)
+    host_work     part of its work runs on a host thread outside the stream, handed over inside it
+                  (no host sync, capturable): `host_check()` raises what the host side hit; the
+                  CUDA-graph runner calls it after each step
 and implements `from_module(module, device, dtype, args)` (build it, weights not loaded),
 `load_weights(source, prefix, shard=None)` (fetch its tensors from a WeightSource),
 `planned_bytes(source, prefix, config)` (what its weights will take: `hybrid-r1 plan`) and, where it
@@ -139,6 +145,11 @@ class Operator(nn.Module):
     host_sync: ClassVar[bool] = False
     moves_inputs: ClassVar[bool] = False
     shardable: ClassVar[bool] = False
+    runs_beside: ClassVar[bool] = False
+    host_work: ClassVar[bool] = False
+
+    def host_check(self) -> None:
+        """Raise the failure of work this operator left to a host thread (declared `host_work`)."""
 
     @classmethod
     def from_module(cls, module: nn.Module, device: torch.device, dtype: torch.dtype, args: OpArgs) -> "Operator":

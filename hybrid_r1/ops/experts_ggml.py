@@ -34,6 +34,8 @@ class GGMLArgs(OpArgs):
     poll: int = 0  # how long idle ggml workers spin before sleeping (0..100)
     prefill_device: str | None = None  # a CUDA device: long calls stream the experts there
     prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
+    overlap: bool = False  # decode calls from a GPU hand over inside the stream (experts_ggml_overlap.py)
+    overlap_timeout_s: float = 60.0  # how long the stream waits for the CPU before it gives up (NaN, error)
 
     def check(self) -> None:
         if self.threads is not None:
@@ -47,6 +49,8 @@ class GGMLArgs(OpArgs):
             raise OpArgsError("poll", f"must be in 0..100, got {self.poll}")
         if self.prefill_min_tokens < 1:
             raise OpArgsError("prefill_min_tokens", f"must be >= 1, got {self.prefill_min_tokens}")
+        if not self.overlap_timeout_s > 0:
+            raise OpArgsError("overlap_timeout_s", f"must be > 0, got {self.overlap_timeout_s}")
         if self.prefill_device is not None:
             try:
                 ok = torch.device(self.prefill_device).type == "cuda"
@@ -80,6 +84,7 @@ class GGMLExperts(Operator):
         self.threads = a.threads or ggml_lib.physical_cores()
         self.chunk_tokens, self.poll = a.chunk_tokens, a.poll
         self.prefill_device, self.prefill_min_tokens = a.prefill_device, a.prefill_min_tokens
+        self.overlap_timeout_s = a.overlap_timeout_s
         self.prefill: GPUExpertPrefill | None = None
         self._pinned_key, self._pinned_bufs = None, ()  # host staging of decode calls from a GPU
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
@@ -88,7 +93,10 @@ class GGMLExperts(Operator):
     @classmethod
     def from_module(cls, module, device=None, dtype=None, args: GGMLArgs | None = None) -> "GGMLExperts":
         shape = module[0].gate_proj
-        return cls(len(module), shape.in_features, shape.out_features, **vars(args or GGMLArgs()))
+        args = args or GGMLArgs()
+        if args.overlap and cls is GGMLExperts:  # the overlapped kind declares its own graph behaviour
+            from .experts_ggml_overlap import OverlappedGGMLExperts as cls
+        return cls(len(module), shape.in_features, shape.out_features, **vars(args))
 
     @classmethod
     def source_problem(cls, source: WeightSource, prefix: str) -> str | None:

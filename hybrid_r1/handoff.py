@@ -1,0 +1,270 @@
+"""Hand-over of one call at a time from a CUDA stream to a host thread and back, with no host sync:
+the routed experts of a decode step run on the CPU while the GPU goes on (the shared expert), and
+the whole step stays one CUDA graph.
+
+The stream side (kernels/handoff.py) copies the call's inputs into a slot's pinned buffers, writes
+the slot and token count into the control words and publishes a request number (the next value of
+a counter in device memory); later in the stream it spins until the done word equals that number
+and reads the slot's output back. The host side is one worker thread per process (`worker()`),
+shared by every slot: it polls the request word (a short spin, then sleep(0), then sleeps that
+back off while nothing comes), runs the slot's `compute(x, idx, w, out)` on the pinned buffers
+(ggml releases the GIL meanwhile) and publishes done. Requests come one at a time, in stream
+order: the stream waits for each before it can publish the next.
+
+Failures surface as errors, never as a hang: a compute that raises, a request number out of
+sequence or a slot unknown to the worker poisons the output (NaN), publishes done and records a
+HandoffError, which `raise_if_failed()` raises on the caller's thread (the graph runner calls it
+after each step, the operator before each eager call); a stream that waits longer than
+`timeout_s` (a worker that died or hangs) stops waiting, writes NaN and sets the error word,
+which `raise_if_failed()` reports too. `stop()` (also at interpreter exit) ends the thread and
+answers a request in flight with an error.
+
+The control words sit on two cache lines: the stream writes the first (request, slot, tokens),
+the worker the second (done, error), so neither side's polling shares a line with the other's
+writes. Without a GPU (tests), `HostWorker(pinned=False)` keeps them in ordinary memory and a test
+thread plays the stream through `post()` and `answer()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import HybridR1Error
+
+LAYOUT = {"req": 0, "slot": 1, "ntok": 2, "done": 8, "err": 9}  # int64 words of the control block
+SPIN_S = 20e-6  # pure spin after the last look found nothing new, then sleep(0)
+HOT_S = 0.05  # sleep(0) polling this long after the last request (a decode step's layers come ~ms apart)
+IDLE_SLEEP_S = 200e-6  # then sleeps of this length: a first layer after a pause waits at most this
+
+
+class HandoffError(HybridR1Error, RuntimeError):
+    """The host side of an overlapped call failed, or the stream gave up waiting for it."""
+
+
+Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Slot:
+    """One caller's pinned buffers (room for `max_tokens` tokens) and its compute function, which
+    reads x [n, hidden], idx [n, k], w [n, k] and writes out [n, hidden] in place."""
+
+    index: int
+    name: str
+    x: torch.Tensor
+    idx: torch.Tensor
+    w: torch.Tensor
+    out: torch.Tensor
+    compute: Callable[[], Compute | None]  # a weak reference: a dropped model frees its slot
+
+    @property
+    def max_tokens(self) -> int:
+        return self.x.shape[0]
+
+
+class HostWorker:
+    """The host thread and the control words (see the module docstring)."""
+
+    def __init__(self, pinned: bool = True):
+        self.pinned = pinned
+        self.ctrl = torch.zeros(16, dtype=torch.int64, pin_memory=pinned)
+        self._words = self.ctrl.numpy()  # the worker reads and writes through numpy: no torch dispatch per look
+        self.slots: dict[int, Slot] = {}
+        self._next_slot = 0
+        self._seq: dict[torch.device, torch.Tensor] = {}  # the request counter, in device memory
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.failure: HandoffError | None = None
+        self.stats = {"requests": 0, "compute_s": 0.0, "busy_s": 0.0}  # busy: request seen to done published
+
+    # ---- registration (the caller's thread) ----------------------------------------------------
+    def add_slot(self, name: str, compute: Compute, hidden: int, k: int, dtype: torch.dtype, idx_dtype: torch.dtype,
+                 max_tokens: int) -> Slot:
+        """Pinned buffers for calls of up to `max_tokens` tokens; `compute` is held weakly (a bound
+        method's object may go away: its slot is then dropped)."""
+        ref = weakref.WeakMethod(compute) if isinstance(compute, types.MethodType) else (lambda: compute)
+        pin = self.pinned
+        with self._lock, torch.inference_mode(False):  # plain tensors, writable by any thread in any mode
+            index = self._next_slot
+            self._next_slot += 1
+            slot = Slot(index, name,
+                        torch.empty(max_tokens, hidden, dtype=dtype, pin_memory=pin),
+                        torch.empty(max_tokens, k, dtype=idx_dtype, pin_memory=pin),
+                        torch.empty(max_tokens, k, dtype=torch.float32, pin_memory=pin),
+                        torch.empty(max_tokens, hidden, dtype=dtype, pin_memory=pin), ref)
+            self.slots[index] = slot
+        return slot
+
+    def seq(self, device: torch.device) -> torch.Tensor:
+        """The device counter the stream numbers its requests with (one device per process)."""
+        with self._lock:
+            if device not in self._seq:
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a graph would reset it
+                    raise HandoffError("the first overlapped call must run eagerly, not under graph capture")
+                if self._seq:
+                    raise HandoffError(f"overlapped calls come from {next(iter(self._seq))} already; "
+                                       f"a second device ({device}) would interleave its requests")
+                self._seq[device] = torch.full((1,), int(self._words[LAYOUT["req"]]), dtype=torch.int64, device=device)
+            return self._seq[device]
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="hybrid-r1-handoff", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread; a request it had not answered is answered with an error."""
+        self._stopping = True
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        self._thread = None
+        req, done = int(self._words[LAYOUT["req"]]), int(self._words[LAYOUT["done"]])
+        if req != done:
+            slot = self.slots.get(int(self._words[LAYOUT["slot"]]))
+            self._fail(req, slot, "the hand-over worker was stopped with a request in flight")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        err = int(self._words[LAYOUT["err"]])
+        if err:
+            self.failure = HandoffError(
+                f"the stream waited too long for request {err} from the CPU experts' worker "
+                f"({'alive' if self.alive else 'not running'}, done word {int(self._words[LAYOUT['done']])}, "
+                f"{self.stats['requests']} requests served); its output is NaN")
+            raise self.failure
+
+    # ---- the worker thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        # The mode is per thread: a compute that makes tensors must not make them need autograd.
+        with torch.inference_mode():
+            self._poll()
+
+    def _poll(self) -> None:
+        words = self._words
+        last = int(words[LAYOUT["done"]])
+        idle_since = time.perf_counter()
+        while not self._stopping:
+            req = int(words[LAYOUT["req"]])
+            if req == last:
+                now = time.perf_counter()
+                if now - idle_since < SPIN_S:
+                    continue
+                time.sleep(0 if now - idle_since < HOT_S else IDLE_SLEEP_S)
+                continue
+            t0 = time.perf_counter()
+            try:
+                self._serve(req, last)
+            except BaseException as e:  # never die with the stream waiting: answer, then report
+                self._fail(req, None, f"the hand-over worker failed: {type(e).__name__}: {e}", e)
+                if not isinstance(e, Exception):
+                    raise
+            last = req
+            idle_since = time.perf_counter()
+            self.stats["busy_s"] += idle_since - t0
+        # (stop() answers whatever is still pending once the thread has ended)
+
+    def _serve(self, req: int, last: int) -> None:
+        words = self._words
+        index, n = int(words[LAYOUT["slot"]]), int(words[LAYOUT["ntok"]])
+        slot = self.slots.get(index)
+        if self.failure is not None:  # after a failure every request gets NaN at once: no compute on bad state
+            return self._fail(req, slot, None)
+        if req != last + 1:
+            return self._fail(req, slot, f"request {req} arrived after {last} (one at a time, in order)")
+        compute = slot.compute() if slot is not None else None
+        if compute is None:
+            return self._fail(req, slot, f"request {req} names slot {index}, which no live caller holds")
+        if not 1 <= n <= slot.max_tokens:
+            return self._fail(req, slot, f"request {req} for {slot.name} has {n} tokens (1..{slot.max_tokens})")
+        t0 = time.perf_counter()
+        try:
+            compute(slot.x[:n], slot.idx[:n], slot.w[:n], slot.out[:n])
+        except Exception as e:  # noqa: BLE001 - reported on the caller's thread, with the cause
+            return self._fail(req, slot, f"{slot.name}: {type(e).__name__}: {e}", e)
+        self.stats["compute_s"] += time.perf_counter() - t0
+        self.stats["requests"] += 1
+        words[LAYOUT["done"]] = req  # after the output: x86 keeps stores in order, the GPU acquires
+
+    def _fail(self, req: int, slot: Slot | None, why: str | None, cause: BaseException | None = None) -> None:
+        if why is not None and self.failure is None:
+            self.failure = HandoffError(why)
+            self.failure.__cause__ = cause
+        try:
+            if slot is not None:
+                slot.out.fill_(math.nan)
+        finally:
+            self._words[LAYOUT["done"]] = req
+
+    # ---- the stream's side, played by a thread (tests without a GPU) ----------------------------
+    def post(self, slot: Slot, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, number: int | None = None) -> int:
+        """What kernels/handoff.submit does on the GPU: inputs, slot, tokens, then the request
+        number (the next one unless given)."""
+        n = x.shape[0]
+        slot.x[:n], slot.idx[:n], slot.w[:n] = x, idx, w
+        words = self._words
+        number = int(words[LAYOUT["req"]]) + 1 if number is None else number
+        words[LAYOUT["slot"]], words[LAYOUT["ntok"]] = slot.index, n
+        words[LAYOUT["req"]] = number
+        return number
+
+    def answer(self, slot: Slot, number: int, n: int, timeout_s: float) -> torch.Tensor | None:
+        """What kernels/handoff.collect does: wait for done == number (None after timeout_s), then
+        a copy of the output."""
+        deadline = time.perf_counter() + timeout_s
+        while int(self._words[LAYOUT["done"]]) != number:
+            if time.perf_counter() > deadline:
+                return None
+            time.sleep(0)
+        return slot.out[:n].clone()
+
+
+_worker: HostWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def worker() -> HostWorker:
+    """The process's worker (pinned control words where CUDA is), started on first use, stopped at exit."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = HostWorker(pinned=torch.cuda.is_available())
+            atexit.register(_worker.stop)
+        _worker.start()
+        return _worker
+
+
+def overlapped(w: HostWorker, slot: Slot, x: torch.Tensor, idx: torch.Tensor, topk_w: torch.Tensor,
+               beside: Callable[[], torch.Tensor] | None, timeout_s: float) -> torch.Tensor:
+    """On x's stream: hand x/idx/w to slot's compute on the host, run `beside()` on the GPU
+    meanwhile, wait, and return the host's output (+ beside's) on x's device, in x's dtype."""
+    from hybrid_r1_kernels import handoff as k  # Triton: only when a GPU call is made
+
+    w.raise_if_failed()
+    if not w.alive:
+        raise HandoffError("the CPU experts' hand-over worker is not running (stopped at exit?)")
+    seq = w.seq(x.device)
+    k.submit(x.contiguous(), idx.to(slot.idx.dtype).contiguous(), topk_w.float().contiguous(), slot.x, slot.idx,
+             slot.w, seq, w.ctrl, slot.index, LAYOUT)
+    extra = beside() if beside is not None else None
+    if extra is not None:
+        extra = extra.to(x.dtype).reshape(x.shape).contiguous()
+    return k.collect(slot.out, extra, seq, w.ctrl, tuple(x.shape), x.dtype, int(timeout_s * 1e9), LAYOUT)
