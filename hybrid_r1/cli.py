@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .cli_support import check_threads_arg, quiet_broken_pipe, sampling_from_args
 from .conversation import check_text
@@ -55,7 +56,7 @@ def _plan(args) -> int:
     device needs, without loading any weight: a --model checkpoint's headers are read, nothing else."""
     from . import placement
     from .loading import build, default_device_dtype, open_checkpoint
-    from .plan import available, fits, memory_plan, placement_table
+    from .plan import HEADROOM, available, fits, memory_plan, placement_table
 
     rules = placement.load_rules(args.rules) if args.rules else None
     # A plan may describe the GPU machine a rule file is for: its run dtype is then bfloat16.
@@ -108,8 +109,47 @@ def _plan(args) -> int:
         for (d, what), n in sorted(mem.by_kind.items(), key=lambda kv: -kv[1]):
             if d == dev:
                 print(f"            {n / gib:8.2f} GiB  {what}")
+        if dev.startswith("cuda") and free is not None and cfg.n_routed_experts and args.tp == 1:
+            print(f"            {_resident_room(cfg, free - mem.total(dev) - free * HEADROOM)}")
     print("(activations, CUDA-graph pools and allocator slack come on top: 'fits' keeps 10% free)")
     return 0
+
+
+def _calibrate(args) -> int:
+    from .calibration import count_routing
+    from .cli_support import load_model
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        print(f"error: {args.text}: not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
+    if not text.strip():
+        print(f"error: {args.text}: the text is empty", file=sys.stderr)
+        return 2
+    pair = {"gguf": args.gguf} if args.gguf else {}
+    model = load_model(args.model, info=lambda m: print(m, file=sys.stderr), device=args.device,
+                       rules=args.rules, **pair)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer", file=sys.stderr)
+        return 2
+    ids = model.tokenizer.encode(text, add_bos=True)[: args.max_tokens]
+    counts = count_routing(model, ids)
+    counts.save(args.out, force=args.force)
+    print(f"routed {counts.tokens} tokens through {len(counts.layers)} MoE layers; wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _resident_room(cfg, spare: int) -> str:
+    """How many routed experts the spare GPU memory holds as block INT8 (experts.ggml_cpu's
+    gpu_experts), and what share of the model's that is."""
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    per = 3 * h * i + 4 * 3 * -(-h // 128) * -(-i // 128)  # int8 weights and fp32 block scales
+    layers = sum(cfg.is_moe_layer(n) for n in range(cfg.num_hidden_layers))
+    room = max(0, int(spare)) // per
+    each = min(room // max(layers, 1), cfg.n_routed_experts)
+    return (f"room left for {room} routed experts as INT8 ({per / 2**20:.1f} MiB each): gpu_experts: {each} "
+            f"in each of the {layers} MoE layers = {each / cfg.n_routed_experts:.0%} of the experts")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -162,7 +202,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub.add_parser("chat", help="chat in the terminal, or answer --prompt (hybrid-r1 chat --help)", add_help=False)
     sub.add_parser("serve", help="serve the model over an OpenAI-compatible API (hybrid-r1 serve --help)",
                    add_help=False)
-    return ap, {"generate": g, "plan": p}
+    c = sub.add_parser("calibrate", help="count how often each routed expert is chosen on a text",
+                       description="Run a text through the model and write how often its router chose each "
+                                   "routed expert of each layer (JSON), for experts.ggml_cpu's hot_experts.")
+    c.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder, merged folder or .gguf (required)")
+    c.add_argument("--gguf", metavar="PATH", help="with --model DIR: the GGUF of the routed experts (default: none)")
+    c.add_argument("--rules", metavar="FILE", help="placement rule file (YAML) (default: none, one device)")
+    c.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
+    c.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to route, e.g. a sample of your prompts (required)")
+    c.add_argument("--max-tokens", type=int, default=8192, metavar="N", help="route at most N tokens of it (default 8192)")
+    c.add_argument("--out", required=True, metavar="FILE", help="the JSON file to write (required)")
+    c.add_argument("--force", action="store_true", help="replace an existing --out (default: refuse)")
+    return ap, {"generate": g, "plan": p, "calibrate": c}
 
 
 @quiet_broken_pipe
@@ -184,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "calibrate":
+        if args.max_tokens < 1:
+            subs["calibrate"].error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        try:
+            return _calibrate(args)
+        except (HybridR1Error, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "plan" and args.tp < 1:
         subs["plan"].error(f"--tp must be >= 1, got {args.tp}")
     if args.command == "generate":

@@ -52,9 +52,9 @@ def memory_plan(module: nn.Module, source, dtype: torch.dtype, context: int, cac
         split = mod.__dict__.get("placement_shard")  # tensor parallelism: a rank holds 1/world
         ways = split.world if split is not None else 1
         if isinstance(mod, Operator):
-            n = mod.planned_bytes(source, prefix.rstrip("."), config) // ways
-            weights[str(device)] += n
-            kinds[str(device), type(mod).name] += n
+            for dev, n in mod.planned_bytes_on(source, prefix.rstrip("."), config, device).items():
+                weights[dev] += n // ways
+                kinds[dev, type(mod).name] += n // ways
             return
         keep32 = fp32_params(mod)
         for name, t in [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()

@@ -16,6 +16,7 @@ def parsers() -> dict:
 
     _, subs = cli.build_parser()
     out = {"hybrid-r1 generate": subs["generate"], "hybrid-r1 plan": subs["plan"],
+           "hybrid-r1 calibrate": subs["calibrate"],
            "hybrid-r1 chat": chat.build_parser("hybrid-r1 chat"), "hybrid-r1 synth": synth.build_parser()}
     merge = merge_cli.build_parser()
     (sub,) = [a for a in merge._actions if a.dest == "command"]

@@ -163,6 +163,11 @@ class Operator(nn.Module):
         `config`), for `hybrid-r1 plan`; read from headers only."""
         raise NotImplementedError
 
+    def planned_bytes_on(self, source, prefix: str, config, device) -> dict[str, int]:
+        """planned_bytes by device, for an operator that keeps weights on more than its own
+        `device` (default: all of them there)."""
+        return {str(device): self.planned_bytes(source, prefix, config)}
+
     @classmethod
     def source_problem(cls, source, prefix: str) -> str | None:
         """Why this operator cannot take what `source` holds for module `prefix` (checked from the

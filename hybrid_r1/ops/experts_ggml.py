@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -36,6 +38,10 @@ class GGMLArgs(OpArgs):
     prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
     overlap: bool = False  # decode calls from a GPU hand over inside the stream (experts_ggml_overlap.py)
     overlap_timeout_s: float = 60.0  # how long the stream waits for the CPU before it gives up (NaN, error)
+    gpu_experts: int = 0  # this many of the layer's experts also on the GPU as INT8 (experts_resident.py)
+    hot_experts: str | None = None  # routing counts (hybrid-r1 calibrate) choosing them; else the first N
+    gpu_device: str = "cuda"  # where the resident experts live
+    gpu_scheme: Literal["block", "channel"] = "block"  # their INT8 scheme
 
     def check(self) -> None:
         if self.threads is not None:
@@ -51,6 +57,18 @@ class GGMLArgs(OpArgs):
             raise OpArgsError("prefill_min_tokens", f"must be >= 1, got {self.prefill_min_tokens}")
         if not self.overlap_timeout_s > 0:
             raise OpArgsError("overlap_timeout_s", f"must be > 0, got {self.overlap_timeout_s}")
+        if self.gpu_experts < 0:
+            raise OpArgsError("gpu_experts", f"must be >= 0, got {self.gpu_experts}")
+        if self.gpu_experts and self.overlap:
+            raise OpArgsError("gpu_experts", "does not go with overlap: true yet (choose one)")
+        if self.hot_experts is not None and not Path(self.hot_experts).is_file():
+            raise OpArgsError("hot_experts", f"{self.hot_experts}: no such file (hybrid-r1 calibrate writes it)")
+        try:
+            gpu_ok = torch.device(self.gpu_device).type == "cuda"
+        except (RuntimeError, TypeError):
+            gpu_ok = False
+        if not gpu_ok:
+            raise OpArgsError("gpu_device", f"must be a CUDA device, got {self.gpu_device!r}")
         if self.prefill_device is not None:
             try:
                 ok = torch.device(self.prefill_device).type == "cuda"
@@ -96,6 +114,8 @@ class GGMLExperts(Operator):
         args = args or GGMLArgs()
         if args.overlap and cls is GGMLExperts:  # the overlapped kind declares its own graph behaviour
             from .experts_ggml_overlap import OverlappedGGMLExperts as cls
+        elif args.gpu_experts and cls is GGMLExperts:  # some experts also on the GPU, run beside
+            from .experts_resident import ResidentGGMLExperts as cls
         return cls(len(module), shape.in_features, shape.out_features, **vars(args))
 
     @classmethod
@@ -151,20 +171,26 @@ class GGMLExperts(Operator):
                 out[s:e] = self._run(ex, x[s:e], idx[s:e], topk_w[s:e])
         return out.to(x.device, x.dtype)
 
-    def _from_gpu(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def _from_gpu(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
+                  gpu_work=None) -> torch.Tensor:
         """A decode step from the GPU: the three inputs come over in one wait (pinned buffers,
         asynchronous copies, one stream sync instead of one per tensor), and the result goes back
-        asynchronously; the next call's sync orders it before the pinned output is written again."""
+        asynchronously; the next call's sync orders it before the pinned output is written again.
+        gpu_work: GPU kernels launched right after the sync, so they run while ggml computes; their
+        fp32 result is added to ggml's."""
         hx, hi, hw, hy = self._pinned(x, topk_idx, topk_w)
         hx.copy_(x, non_blocking=True)
         hi.copy_(topk_idx, non_blocking=True)
         hw.copy_(topk_w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
         check_call(hx, hi, hw, self.n_experts, self.hidden_size)
+        beside = gpu_work() if gpu_work is not None else None
         ex = ggml_lib.executor(self.threads, self.poll)
         with ex.lock:
             hy.copy_(self._run(ex, hx, hi, hw))
-        return hy.to(x.device, non_blocking=True)
+        if beside is None:
+            return hy.to(x.device, non_blocking=True)
+        return (hy.to(x.device, non_blocking=True).float() + beside).to(x.dtype)
 
     def _pinned(self, x, idx, w) -> tuple[torch.Tensor, ...]:
         key = (tuple(x.shape), x.dtype, tuple(idx.shape), idx.dtype, w.dtype)

@@ -47,9 +47,14 @@ class Int8GPUExperts(Operator):
     shardable = True  # Shard(dim=0): this rank's part of every expert's intermediate dimension
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, device="cuda",
-                 scheme: str = "block", rounding: str = "nearest_even"):
+                 scheme: str = "block", rounding: str = "nearest_even", expert_ids: tuple[int, ...] | None = None):
         super().__init__()
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
+        # which of the checkpoint's experts these are, in order (all of them by default; a subset for
+        # the GPU-resident experts of a CPU layer, experts_resident.py)
+        self.expert_ids = tuple(range(n_experts)) if expert_ids is None else tuple(expert_ids)
+        if len(self.expert_ids) != n_experts:
+            raise ValueError(f"expert_ids names {len(self.expert_ids)} experts, not {n_experts}")
         self.device, self.scheme, self.rounding = torch.device(device), scheme, rounding
         self.w13 = self.w13_s = self.w2 = self.w2_s = None
         self._cpu_dense: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 W13, W2 (CPU path)
@@ -78,8 +83,8 @@ class Int8GPUExperts(Operator):
         self.w13_s = torch.empty((E, 2 * half, h_cols), dtype=torch.float32, device=dev)  # each half its own grid
         self.w2_s = torch.empty((E, *self._scale_shape(H, local)), dtype=torch.float32, device=dev)
         down_shard = Shard(shard.rank, shard.world, 1) if shard is not None else None
-        for e in range(E):
-            p = f"{prefix}.{e}."
+        for e, src in enumerate(self.expert_ids):
+            p = f"{prefix}.{src}."
             gq, gs = int8_weight(source, p + "gate_proj.weight", (inter, H), self.scheme)
             uq, us = int8_weight(source, p + "up_proj.weight", (inter, H), self.scheme)
             dq, ds = int8_weight(source, p + "down_proj.weight", (H, inter), self.scheme)
