@@ -110,4 +110,8 @@ def load_model(path, *, info, threads: int | None = None, progress_stream=None, 
         bar.close()
     threads_mod.apply(choice, runtime)
     info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device}")
+    from .plan import engine_lines
+
+    for line in engine_lines(runtime.module):
+        info(line)
     return runtime

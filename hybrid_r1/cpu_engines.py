@@ -1,0 +1,215 @@
+"""The CPU expert engines: the libraries that can compute one layer's routed experts from its
+GGUF bytes in place, behind one small contract, and the choice between them (`engine:` of the
+`experts.ggml_cpu` rule).
+
+An engine declares the GGML types it computes (`types`), says why it cannot run in this process
+(`missing()`: not installed, wrong CPU or Python), and computes `run(x, ids, w) -> out` (float32
+[T, hidden] in and out, ids int64 [T, k], w float32 [T, k]) on the bytes of an
+`ggml_lib.ExpertWeights`, never copying them. Engines:
+
+    ggml          this project's ggml_lib (ggml-python): every type ggml's CPU backend multiplies.
+    kt_llamafile  kt-kernel's LLAMAFILE MoE (KTransformers' CPU kernels, PyPI `kt-kernel`), an
+                  optional install: the K-quants, Q4_0, Q5_0 and Q8_0 (the types it computes to
+                  within ggml's own rounding in tests/test_cpu_engines.py; it aborts the process on
+                  IQ4_NL, IQ3_*, Q4_1, Q5_1, and errs 4% on IQ4_XS, so those never reach it).
+                  Activations go in as float32, like ggml's: the same Q8_K rounding, the same bound.
+
+`auto` takes the first engine of FASTEST_FIRST that is installed and runs all three of a layer's
+types, so ggml for any type the others cannot run. The order is the measurement committed in
+benchmarks/results/experts_cpu_engines.md (the device host's Xeon, same bytes, fresh routing).
+
+Nothing optional is imported at module import: kt-kernel is imported by `missing()` on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import threading
+from typing import ClassVar
+
+import torch
+
+from . import ggml_lib
+from .errors import HybridR1Error
+
+ENGINE_NAMES = ("auto", "ggml", "kt_llamafile")
+FASTEST_FIRST = ("kt_llamafile", "ggml")  # benchmarks/results/experts_cpu_engines.md
+KT_INSTALL = ("pip install --no-deps kt-kernel==0.7.2 (cp311/cp312 wheels; without its torch pin: "
+              "it runs on the installed torch)")
+
+
+class EngineError(HybridR1Error, ValueError):
+    """An engine a rule asks for that cannot run here, or cannot run these types."""
+
+
+class CPUEngine:
+    """One layer's routed experts on one engine. Subclasses set `name` and `types` and implement
+    `missing()`, `__init__(weights, threads, max_tokens, n_used)` and `run()`. The caller holds one lock
+    around `run` and the use of its result (GGMLExperts: the ggml executor's), so one layer
+    computes on the cores at a time."""
+
+    name: ClassVar[str]
+    types: ClassVar[frozenset[int] | None]  # GGML types it computes; None: all that ggml_lib's problems() accepts
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why this engine cannot run in this process, or None."""
+        return None
+
+    @classmethod
+    def runs(cls, types: tuple[int, int, int]) -> bool:
+        return cls.types is None or all(t in cls.types for t in types)
+
+    def run(self, ex: ggml_lib.Executor, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """float32 [T, hidden], valid until the next run of any layer (caller holds ex.lock)."""
+        raise NotImplementedError
+
+
+class GGMLEngine(CPUEngine):
+    """ggml_lib's graph on the executor the operator hands in (its threads, poll and pinning)."""
+
+    name = "ggml"
+    types = None
+
+    def __init__(self, weights: ggml_lib.ExpertWeights, threads: int, max_tokens: int, n_used: int):
+        self.weights = weights
+
+    def run(self, ex, x, ids, w):
+        g = ex.moe_graph(self.weights, ids.shape[0], ids.shape[1])
+        g.tensors["x"].copy_(x)  # to float32 on the CPU, int64 ids to int32, in one pass each
+        g.tensors["ids"].copy_(ids)
+        g.tensors["w"].copy_(w)
+        ex.compute(g)
+        return g.tensors["out"]
+
+
+# GGML type numbers kt-kernel 0.7.2's LLAMAFILE backend computes as ggml does (see the docstring)
+KT_TYPES = frozenset({2, 6, 8, 10, 11, 12, 13, 14})  # Q4_0 Q5_0 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K
+
+
+@functools.cache
+def _kt():
+    """kt-kernel's extension module, or the reason it cannot load (a str)."""
+    if importlib.util.find_spec("kt_kernel") is None:
+        return f"kt-kernel is not installed ({KT_INSTALL})"
+    try:
+        importlib.import_module("kt_kernel")  # picks the CPU variant (AMX, AVX-512, AVX2) and registers the extension
+        return importlib.import_module("kt_kernel_ext")
+    except Exception as e:  # noqa: BLE001 - any failure to load an optional native module means "absent"
+        return f"kt-kernel is installed but does not load here: {type(e).__name__}: {str(e).splitlines()[0]}"
+
+
+_kt_pools: dict[int, object] = {}
+_kt_pools_lock = threading.Lock()
+
+
+def kt_worker_threads(threads: int) -> int:
+    """kt-kernel's worker count for `threads`: one fewer where `threads` fills every usable CPU, as
+    its submitting thread spins on a core of its own (at 16 workers on 16 CPUs decode ran 4-5x
+    slower on the device host; shared/reference/PEERS.md)."""
+    from .threads import usable_cpus
+
+    return max(1, threads - 1) if threads >= usable_cpus() else threads
+
+
+class KTLlamafileEngine(CPUEngine):
+    """kt-kernel's LLAMAFILE MoE over the GGUF bytes in place (its MOEConfig takes their addresses
+    and reads them there: tests/test_cpu_engines.py changes the bytes and sees it)."""
+
+    name = "kt_llamafile"
+    types = KT_TYPES
+
+    @classmethod
+    def missing(cls) -> str | None:
+        kt = _kt()
+        return kt if isinstance(kt, str) else None
+
+    def __init__(self, weights: ggml_lib.ExpertWeights, threads: int, max_tokens: int, n_used: int):
+        kt = _kt()
+        if isinstance(kt, str):
+            raise EngineError(f"engine kt_llamafile: {kt}")
+        self.weights, self.max_tokens, self.n_used = weights, max_tokens, n_used
+        self.pool = self._pool(kt, kt_worker_threads(threads))
+        self._mask = torch.zeros(weights.n_experts, dtype=torch.bool)  # no expert on a GPU; read by kt
+        cfg = kt.moe.MOEConfig(weights.n_experts, n_used, weights.hidden, weights.intermediate, self._mask.data_ptr())
+        cfg.layer_idx, cfg.pool = 0, self.pool.backend_
+        cfg.m_block, cfg.group_min_len = 32, 10  # kt's own LLAMAFILE settings (one-token path below 10)
+        cfg.max_len = cfg.group_max_len = max_tokens  # sizes its activation buffers
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = weights.addresses
+        cfg.gate_type, cfg.up_type, cfg.down_type = weights.types
+        cfg.hidden_type = kt.kvcache.ggml_type.FP32
+        self.moe = kt.moe.MOE(cfg)
+        self._map = torch.arange(weights.n_experts, dtype=torch.int32)
+        self.pool.submit(self.moe.load_weights_task(self._map.data_ptr()))
+        self.pool.sync()
+        self._bsz = torch.zeros(1, dtype=torch.int32)
+        self._out = torch.empty(0)
+
+    @staticmethod
+    def _pool(kt, n: int):
+        """One kt worker pool per worker count in the process, shared by its layers."""
+        with _kt_pools_lock:
+            if n not in _kt_pools:
+                cfg = kt.WorkerPoolConfig()
+                cfg.subpool_count, cfg.subpool_numa_map, cfg.subpool_thread_count = 1, [0], [n]
+                _kt_pools[n] = kt.CPUInfer(cfg)
+            return _kt_pools[n]
+
+    def run(self, ex, x, ids, w):
+        T, k = ids.shape
+        if T > self.max_tokens or k != self.n_used:  # kt sized its buffers for these: more would overrun them
+            raise ValueError(f"this kt_llamafile layer takes at most {self.max_tokens} tokens of {self.n_used} "
+                             f"experts a call, got {T} of {k}")
+        if T == 0:
+            return torch.empty((0, self.weights.hidden))
+        x = x.to(torch.float32).contiguous()
+        ids = ids.to(torch.int64).contiguous()
+        w = w.to(torch.float32).contiguous()
+        if self._out.shape != x.shape:
+            self._out = torch.empty(x.shape, dtype=torch.float32)
+        self._bsz[0] = T
+        self.pool.submit(self.moe.forward_task(self._bsz.data_ptr(), k, ids.data_ptr(), w.data_ptr(),
+                                               x.data_ptr(), self._out.data_ptr(), False))
+        self.pool.sync()
+        return self._out
+
+
+ENGINES: dict[str, type[CPUEngine]] = {"ggml": GGMLEngine, "kt_llamafile": KTLlamafileEngine}
+
+
+def installed() -> list[str]:
+    """Names of the engines that can run in this process, fastest first."""
+    return [n for n in FASTEST_FIRST if ENGINES[n].missing() is None]
+
+
+def check_installed(name: str) -> None:
+    """EngineError if engine `name` (not auto) cannot run here."""
+    if name != "auto":
+        why = ENGINES[name].missing()
+        if why is not None:
+            raise EngineError(f"engine {name} cannot run: {why}")
+
+
+def choose(name: str, types: tuple[int, int, int]) -> tuple[type[CPUEngine], str]:
+    """The engine class for a layer of these gate/up/down types, and why it was chosen."""
+    shown = "/".join(ggml_lib.type_name(t) for t in types)
+    if name != "auto":
+        check_installed(name)
+        cls = ENGINES[name]
+        if not cls.runs(types):
+            runs = ", ".join(sorted(ggml_lib.type_name(t) for t in cls.types or ()))
+            raise EngineError(f"engine {name} runs {runs}, not {shown} (engine: ggml or auto runs any type)")
+        return cls, "engine: " + name
+    for n in FASTEST_FIRST:
+        cls = ENGINES[n]
+        if cls.runs(types) and cls.missing() is None:
+            return cls, f"auto: the fastest installed engine for {shown}"
+    raise AssertionError("ggml runs every type")  # GGMLEngine.types is None
+
+
+def describe_missing() -> str:
+    """One line on the optional engines that are not installed (for the startup line), or ''."""
+    absent = [n for n in FASTEST_FIRST if ENGINES[n].missing() is not None]
+    return f"not installed: {', '.join(absent)}" if absent else ""

@@ -1,0 +1,208 @@
+"""The CPU expert engines (cpu_engines.py) behind experts.ggml_cpu, their choice, thread pinning and
+huge-page copies.
+
+Each installed engine is held to the bounds tests/test_experts_ggml.py derives for ggml (module
+docstring there): the plain fp64 reference on gguf-py's dequantized weights within the bound of the
+activation type (both engines take float32 activations and round them to Q8_K / Q8_0 as ggml does),
+and the emulated-rounding reference within 2e-3. kt-kernel is an optional install: its tests run
+where it imports and are skipped, saying why, where it does not (CI installs only ggml).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from test_experts_ggml import ACT_BOUND, E, PREFIX, FakeSource, emulated, expert_tensors, load_pair, rel, routing
+
+from hybrid_r1 import cpu_engines, ggml_lib, hugepages
+from hybrid_r1.errors import CheckpointError
+from hybrid_r1.ops.base import OpArgsError
+from hybrid_r1.ops.experts_ggml import GGMLArgs, GGMLExperts
+from hybrid_r1.placement import RuleError, parse_rules
+
+H, I, K = 256, 256, 4
+KT_MISSING = cpu_engines.KTLlamafileEngine.missing()
+needs_kt = pytest.mark.skipif(KT_MISSING is not None, reason=f"kt-kernel absent: {KT_MISSING}")
+Q4_K_M = (QT.Q4_K, QT.Q4_K, QT.Q6_K)
+
+
+def _engine_types():
+    # ggml's every type is covered by test_experts_ggml.py; here the types both engines run
+    return [("ggml", n) for n in ("Q4_K", "Q6_K", "Q8_0")] + [
+        pytest.param("kt_llamafile", QT(t).name, marks=needs_kt) for t in sorted(cpu_engines.KT_TYPES)]
+
+
+@pytest.mark.parametrize("engine, name", _engine_types())
+def test_engine_matches_dequantized_reference(engine, name):
+    t = QT[name]
+    types = (t, t, t)
+    op, ref = load_pair(expert_tensors(types, seed=30 + t), engine=engine)
+    assert op.engine_class.name == engine
+    bound = ACT_BOUND[QT(ggml_lib.vec_dot_type(t))]
+    gen = torch.Generator().manual_seed(40 + t)
+    for T in (1, 3, 17):  # decode (kt's one-token path below 10 tokens) and its grouped path
+        x = torch.randn(T, H, generator=gen)
+        idx, w = routing(T, K, E, gen)
+        y = op(x, idx, w)
+        assert y.shape == (T, H) and y.dtype == torch.float32 and torch.isfinite(y).all()
+        plain = rel(y, ref(x.double(), idx, w.double()))
+        assert plain < bound, f"{engine} {name} T={T}: {plain:.2e} >= {bound}"
+        tight = rel(y, emulated(ref, types, x, idx, w))
+        assert tight < 2e-3, f"{engine} {name} T={T}: {tight:.2e} against emulated activation rounding"
+
+
+@needs_kt
+def test_kt_reads_the_bytes_in_place_and_follows_chunks():
+    tensors = expert_tensors(Q4_K_M, seed=50)
+    op, ref = load_pair(tensors, engine="kt_llamafile", chunk_tokens=8)
+    gen = torch.Generator().manual_seed(50)
+    x = torch.randn(21, H, generator=gen)  # three chunks: 8, 8, 5
+    idx, w = routing(21, K, E, gen)
+    y = op(x, idx, w)
+    assert rel(y, emulated(ref, Q4_K_M, x, idx, w)) < 2e-3
+    tensors["down"].data[idx[0, 0]] = 0  # the file's bytes change: kt sees it at once
+    assert not torch.equal(op(x, idx, w), y)
+    assert op(x[:0], idx[:0], w[:0]).shape == (0, H)
+    eng = op._engine
+    with pytest.raises(ValueError, match="at most 8 tokens of 4 experts"):  # its buffers hold 8 tokens
+        eng.run(None, x[:9], idx[:9], w[:9])
+
+
+@needs_kt
+def test_kt_releases_the_gil():
+    op, _ = load_pair(expert_tensors(Q4_K_M, seed=51), threads=1, engine="kt_llamafile")
+    x, idx, w = torch.randn(256, H), torch.randint(0, E, (256, K)), torch.rand(256, K)
+    op(x, idx, w)
+    done, ticks = threading.Event(), [0]
+    spent = []
+
+    def work():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            op(x, idx, w)
+        spent.append(time.perf_counter() - t0)
+        done.set()
+
+    th = threading.Thread(target=work)
+    th.start()
+    while not done.is_set():
+        ticks[0] += 1
+    th.join()
+    # a thread holding the GIL for the whole call would leave the loop at most a few switch intervals
+    assert spent[0] > 0.01 and ticks[0] > 1000, f"{ticks[0]} ticks during {spent[0] * 1e3:.0f} ms in kt"
+
+
+def test_auto_picks_the_fastest_installed_engine_for_the_types(monkeypatch):
+    fast = "kt_llamafile" if KT_MISSING is None else "ggml"
+    assert cpu_engines.choose("auto", Q4_K_M)[0].name == fast
+    assert cpu_engines.choose("auto", (QT.IQ4_NL,) * 3)[0].name == "ggml"  # kt cannot run it
+    assert cpu_engines.choose("ggml", (QT.IQ4_NL,) * 3)[0].name == "ggml"
+    monkeypatch.setattr(cpu_engines, "_kt", lambda: "kt-kernel is not installed (pip install ...)")
+    assert cpu_engines.choose("auto", Q4_K_M)[0].name == "ggml"
+    assert cpu_engines.installed() == ["ggml"]
+    assert "not installed: kt_llamafile" in cpu_engines.describe_missing()
+
+
+def test_an_engine_not_installed_is_a_typed_error_naming_the_rule(monkeypatch):
+    monkeypatch.setattr(cpu_engines, "_kt", lambda: "kt-kernel is not installed (pip install --no-deps kt-kernel)")
+    with pytest.raises(cpu_engines.EngineError, match="kt_llamafile cannot run: kt-kernel is not installed"):
+        cpu_engines.choose("kt_llamafile", Q4_K_M)
+    with pytest.raises(OpArgsError, match="engine kt_llamafile cannot run: kt-kernel is not installed"):
+        GGMLExperts(E, H, I, engine="kt_llamafile")
+    rule = {"name": r"\.mlp\.experts$", "op": "experts.ggml_cpu", "device": "cpu", "args": {"engine": "kt_llamafile"}}
+    with pytest.raises(RuleError, match=r"my.yaml rule 2: bad args for experts.ggml_cpu: engine kt_llamafile "
+                                        r"cannot run: .*pip install --no-deps kt-kernel"):
+        parse_rules([{"name": "^x$", "device": "cpu"}, rule], where="my.yaml")
+    with pytest.raises(RuleError, match=r"rule 1: bad args.*engine must be one of 'auto', 'ggml', 'kt_llamafile'"):
+        parse_rules([dict(rule, args={"engine": "llamafile"})])
+    with pytest.raises(RuleError, match="pin must be true or false"):
+        parse_rules([dict(rule, args={"pin": 1})])
+    assert GGMLArgs.parse({"engine": "ggml", "pin": True, "hugepages": True}).engine == "ggml"
+
+
+@needs_kt
+def test_an_engine_that_cannot_run_the_types_names_the_tensor():
+    tensors = expert_tensors((QT.Q4_K, QT.Q4_K, QT.IQ4_NL), seed=52)
+    op = GGMLExperts(E, H, I, threads=1, engine="kt_llamafile")
+    with pytest.raises(CheckpointError, match=r"engine kt_llamafile runs .*Q4_K.*, not Q4_K/Q4_K/IQ4_NL.*ffn_down_exps"):
+        op.load_weights(FakeSource(tensors), PREFIX)
+
+
+def _thread_cpus() -> dict[int, set[int]]:
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = os.sched_getaffinity(int(tid))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return out
+
+
+def test_core_cpus_one_per_physical_core():
+    cpus = ggml_lib.core_cpus()
+    assert len(cpus) == ggml_lib.physical_cores() >= 1
+    assert set(cpus) <= os.sched_getaffinity(0) and list(cpus) == sorted(set(cpus))
+    ids = set()
+    for c in cpus:  # no two share a core
+        with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f, \
+                open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as g:
+            ids.add((f.read(), g.read()))
+    assert len(ids) == len(cpus)
+
+
+def test_pinned_executor_pins_its_workers_and_gives_the_caller_its_cpus_back():
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        pytest.skip("one usable CPU: pinning to it is indistinguishable from not pinning")
+    target = min(mine)
+    op, ref = load_pair(expert_tensors(Q4_K_M, seed=53), threads=2, engine="ggml")
+    gen = torch.Generator().manual_seed(53)
+    x = torch.randn(5, H, generator=gen)
+    idx, w = routing(5, K, E, gen)
+    before = _thread_cpus()
+    try:
+        ex = ggml_lib.Executor(2, 0, cpus=(target,))  # both threads on one CPU: visible in the masks
+        g = ex.moe_graph(op.weights, 5, K)
+        g.tensors["x"].copy_(x), g.tensors["ids"].copy_(idx), g.tensors["w"].copy_(w)
+        ex.compute(g)  # an OpenMP build of ggml pins its (shared) workers here, a pthread one at creation
+        me = threading.get_native_id()
+        pinned_now = [tid for tid, c in _thread_cpus().items() if tid != me and c == {target}]
+        assert pinned_now, _thread_cpus()
+        assert os.sched_getaffinity(0) == mine  # ggml pinned the caller as thread 0; put back
+        assert rel(g.tensors["out"], emulated(ref, Q4_K_M, x, idx, w)) < 2e-3
+        ex.clear()
+    finally:  # OpenMP's workers are shared by every executor: unpin them for the other tests
+        for tid, cpus in before.items():
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass
+    pinned, _ = load_pair(expert_tensors(Q4_K_M, seed=53), threads=2, engine="ggml", pin=True)
+    assert torch.equal(pinned(x, idx, w), op(x, idx, w)) and os.sched_getaffinity(0) == mine
+    with pytest.raises(ValueError, match="cpus must be CPU numbers"):
+        ggml_lib.Executor(1, 0, cpus=(100000,))
+
+
+def test_hugepage_copy_is_equal_aligned_and_used():
+    a = np.random.default_rng(54).integers(0, 256, (3, 1000, 7), dtype=np.uint8)
+    b = hugepages.anonymous_copy(a)
+    assert b.shape == a.shape and np.array_equal(a, b) and b.ctypes.data % hugepages.HUGE == 0
+    assert b.ctypes.data != a.ctypes.data and b.flags.c_contiguous
+    assert hugepages.thp_mode() in ("always", "madvise", "never", "unknown")
+    assert hugepages.huge_page_bytes(b) >= 0
+    tensors = expert_tensors(Q4_K_M, seed=55)
+    plain, _ = load_pair(tensors, engine="ggml")
+    copied, _ = load_pair(tensors, engine="ggml", hugepages=True)
+    assert copied.weights.gate.ctypes.data != tensors["gate"].data.ctypes.data
+    gen = torch.Generator().manual_seed(55)
+    x = torch.randn(4, H, generator=gen)
+    idx, w = routing(4, K, E, gen)
+    assert torch.equal(copied(x, idx, w), plain(x, idx, w))
+    tensors["down"].data[:] = 0  # the copy no longer depends on the file's bytes
+    assert torch.count_nonzero(copied(x, idx, w)) > 0
