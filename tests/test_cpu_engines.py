@@ -206,3 +206,39 @@ def test_hugepage_copy_is_equal_aligned_and_used():
     assert torch.equal(copied(x, idx, w), plain(x, idx, w))
     tensors["down"].data[:] = 0  # the copy no longer depends on the file's bytes
     assert torch.count_nonzero(copied(x, idx, w)) > 0
+
+
+def test_numa_split_sums_to_the_whole_layer_without_reading_more_experts():
+    """Experts split into contiguous parts (one per socket), each part computed on its slice of the
+    bytes with split_routing's local ids: the parts sum to the whole layer, and each part reads
+    only experts the call uses."""
+    from hybrid_r1 import numa
+
+    assert numa.expert_ranges(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    with pytest.raises(ValueError, match="cannot split 4 experts into 5"):
+        numa.expert_ranges(4, 5)
+    assert numa._parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    found = numa.nodes()
+    assert found and set().union(*map(set, found.values())) <= os.sched_getaffinity(0)
+    tensors = expert_tensors(Q4_K_M, seed=56)
+    op, _ = load_pair(tensors, engine="ggml")
+    gen = torch.Generator().manual_seed(56)
+    x = torch.randn(6, H, generator=gen)
+    idx, w = routing(6, K, E, gen)
+    idx[0] = torch.tensor([0, 1, 2, 3])  # a token with no slot in the second part
+    whole = op(x, idx, w).clone()
+    total = torch.zeros_like(whole)
+    ranges = numa.expert_ranges(E, 2)
+    for (lo, hi), part in zip(ranges, numa.split_routing(idx, w, ranges)):
+        if part is None:
+            continue
+        ids, wl = part
+        assert set((ids + lo).unique().tolist()) <= set(idx.unique().tolist())  # no expert the call does not use
+        sliced = {p: type(t)(t.name, t.file, t.ggml_type, (*t.ne[:2], hi - lo), t.data[lo:hi]) for p, t in tensors.items()}
+        piece = GGMLExperts(hi - lo, H, I, threads=2, engine="ggml")
+        piece.load_weights(FakeSource(sliced), PREFIX)
+        total += piece(x, ids, wl)
+    # the same Q8_K rounding and dot products per slot; only the fp32 sum over slots runs in another
+    # order (k + 1 additions of ~2^-24 each): 1e-5 is 10x that bound
+    assert rel(total, whole) < 1e-5
+    assert numa.split_routing(torch.tensor([[0, 1]]), torch.ones(1, 2), [(0, 4), (4, 8)])[1] is None
