@@ -14,9 +14,11 @@ An engine declares the GGML types it computes (`types`), says why it cannot run 
                   IQ4_NL, IQ3_*, Q4_1, Q5_1, and errs 4% on IQ4_XS, so those never reach it).
                   Activations go in as float32, like ggml's: the same Q8_K rounding, the same bound.
 
-`auto` takes the first engine of FASTEST_FIRST that is installed and runs all three of a layer's
-types, so ggml for any type the others cannot run. The order is the measurement committed in
-benchmarks/results/experts_cpu_engines.md (the device host's Xeon, same bytes, fresh routing).
+`auto` takes the first engine of FASTEST_FIRST that is installed and was measured faster on all
+three of a layer's types (`measured`), so ggml for any type the others cannot run or were not
+measured on. The measurement is benchmarks/results/experts_cpu_engines.md (the device host's Xeon,
+same bytes, fresh routing): kt_llamafile beat ggml on Q4_K gate/up + Q6_K down (the Q4_K_M mix) at
+decode and 1.4-2.1x from 128 tokens; its other types run when a rule names it.
 
 Nothing optional is imported at module import: kt-kernel is imported by `missing()` on first use.
 """
@@ -52,6 +54,7 @@ class CPUEngine:
 
     name: ClassVar[str]
     types: ClassVar[frozenset[int] | None]  # GGML types it computes; None: all that ggml_lib's problems() accepts
+    measured: ClassVar[frozenset[int] | None] = None  # types `auto` may choose it for (None: all it runs)
 
     @classmethod
     def missing(cls) -> str | None:
@@ -61,6 +64,10 @@ class CPUEngine:
     @classmethod
     def runs(cls, types: tuple[int, int, int]) -> bool:
         return cls.types is None or all(t in cls.types for t in types)
+
+    @classmethod
+    def auto_runs(cls, types: tuple[int, int, int]) -> bool:
+        return cls.runs(types) and (cls.measured is None or all(t in cls.measured for t in types))
 
     def run(self, ex: ggml_lib.Executor, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """float32 [T, hidden], valid until the next run of any layer (caller holds ex.lock)."""
@@ -120,6 +127,7 @@ class KTLlamafileEngine(CPUEngine):
 
     name = "kt_llamafile"
     types = KT_TYPES
+    measured = frozenset({12, 14})  # Q4_K, Q6_K: benchmarks/results/experts_cpu_engines.md
 
     @classmethod
     def missing(cls) -> str | None:
@@ -204,7 +212,7 @@ def choose(name: str, types: tuple[int, int, int]) -> tuple[type[CPUEngine], str
         return cls, "engine: " + name
     for n in FASTEST_FIRST:
         cls = ENGINES[n]
-        if cls.runs(types) and cls.missing() is None:
+        if cls.auto_runs(types) and cls.missing() is None:
             return cls, f"auto: the fastest installed engine for {shown}"
     raise AssertionError("ggml runs every type")  # GGMLEngine.types is None
 

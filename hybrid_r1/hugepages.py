@@ -4,11 +4,15 @@ kernel gives a memory-mapped GGUF.
 A GGUF's experts are read where they are mapped: page-cache pages of a regular file, 4 KiB each
 unless the filesystem hands out large folios (the kernel may then map them with 2 MiB entries);
 `madvise(MADV_HUGEPAGE)` on a file mapping only lets khugepaged collapse it later, where the kernel
-has CONFIG_READ_ONLY_THP_FOR_FS (benchmarks/results/experts_cpu_engines.md says what the device
-host's kernel did). Every 4 KiB page costs a TLB entry; a decode step touches ~230 MB of scattered
-experts per layer, far more than the TLB covers, so page walks come on top of the DRAM reads. A
-copy into anonymous memory advised MADV_HUGEPAGE takes 2 MiB pages where THP is `always` or
-`madvise`.
+has CONFIG_READ_ONLY_THP_FOR_FS. Every 4 KiB page costs a TLB entry; a decode step touches ~230 MB
+of scattered experts per layer, far more than the TLB covers, so page walks come on top of the DRAM
+reads. A copy into anonymous memory advised MADV_HUGEPAGE takes 2 MiB pages where THP is `always`
+or `madvise`.
+
+Measured on the device host (Linux 6.18, ext4; benchmarks/results/experts_cpu_engines.md): the
+page-cache mapping already had 2 MiB entries for 79% of the experts (large folios), madvise changed
+nothing, and the anonymous huge-page copy read and computed at the same speed. So `hugepages:` is
+off by default, for kernels and filesystems that map page cache in 4 KiB pages.
 
 Cost: the copy is private RAM the kernel cannot reclaim (the experts' full size: ~380 GiB for
 DeepSeek-V3 Q4_K_M), while the file's page cache stays reclaimable (after the copy nothing reads it

@@ -102,6 +102,8 @@ def test_auto_picks_the_fastest_installed_engine_for_the_types(monkeypatch):
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
     assert cpu_engines.choose("auto", Q4_K_M)[0].name == fast
     assert cpu_engines.choose("auto", (QT.IQ4_NL,) * 3)[0].name == "ggml"  # kt cannot run it
+    assert cpu_engines.choose("auto", (QT.Q4_K, QT.Q4_K, QT.Q4_K))[0].name == fast  # the measured kernels
+    assert cpu_engines.choose("auto", (QT.Q8_0,) * 3)[0].name == "ggml"  # kt runs it, but was not measured faster
     assert cpu_engines.choose("ggml", (QT.IQ4_NL,) * 3)[0].name == "ggml"
     monkeypatch.setattr(cpu_engines, "_kt", lambda: "kt-kernel is not installed (pip install ...)")
     assert cpu_engines.choose("auto", Q4_K_M)[0].name == "ggml"
@@ -242,3 +244,26 @@ def test_numa_split_sums_to_the_whole_layer_without_reading_more_experts():
     # order (k + 1 additions of ~2^-24 each): 1e-5 is 10x that bound
     assert rel(total, whole) < 1e-5
     assert numa.split_routing(torch.tensor([[0, 1]]), torch.ones(1, 2), [(0, 4), (4, 8)])[1] is None
+
+
+def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
+    from conftest import SMALL_VOCAB
+
+    from hybrid_r1.cli import main
+    from hybrid_r1.cli_support import load_model
+    from hybrid_r1.synth import SyntheticWeights, preset_config, write_gguf
+
+    fast = "kt_llamafile" if KT_MISSING is None else "ggml"
+    assert main(["plan", "--rules", "rules/int8-gpu-ggml-experts.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K), layers 3-60" in out
+    rules = tmp_path / "r.yaml"
+    rules.write_text("- name: '\\.mlp\\.experts$'\n  op: experts.ggml_cpu\n  device: cpu\n  args: {engine: ggml}\n")
+    assert main(["plan", "--rules", str(rules)]) == 0
+    assert "CPU experts engine: ggml (engine: ggml), layers 3-60" in capsys.readouterr().out
+    path = write_gguf(tmp_path / "t.gguf", SyntheticWeights(preset_config("tiny", vocab_size=SMALL_VOCAB), seed=4),
+                      tokenizer=False)
+    lines = []
+    load_model(path, info=lines.append, device="cpu")
+    shown = [line for line in lines if line.startswith("CPU experts engine: ")]
+    assert len(shown) == 1 and "layers 1-" in shown[0], lines
