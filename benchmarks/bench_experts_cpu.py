@@ -63,7 +63,8 @@ class TiledSource:
                         f.write(blocks[part][(e + layer) % distinct].tobytes())
                     f.flush()
                     data = np.memmap(f.name, np.uint8, "r", shape=shape)
-                    torch.from_numpy(data.reshape(-1)[: data.size // 8 * 8].view(np.int64)).sum()  # map every page now, as a warm GGUF would be
+                    # map every page now, as a warm GGUF would be
+                    torch.from_numpy(np.frombuffer(data, np.uint8, data.size // 8 * 8).view(np.int64)).sum()
                 else:  # anonymous memory (numpy asks for transparent huge pages)
                     data = np.empty(shape, np.uint8)
                     for e in range(n_experts):

@@ -293,11 +293,11 @@ class Executor:
     leaving the cores to the rest of the step (the GPU side) at a wake-up cost of microseconds.
 
     `cpus` pins each thread to one of the lowest `n_threads` of these CPUs (ggml's strict placement,
-    wrapping if there are fewer; e.g. core_cpus(): one thread per physical core). ggml pins the calling thread too (as thread 0, at creation and on
-    wake-up); its affinity is put back after every call, else threads it starts later (torch's
-    pool) would inherit one CPU. A ggml built with OpenMP (PyPI's wheel; the sdist build is
-    pthreads) pins OpenMP's workers, shared by every executor, on each pinned call: they stay so
-    for unpinned executors in the same process."""
+    wrapping if there are fewer; e.g. core_cpus(): one thread per physical core). ggml pins the
+    calling thread too (as thread 0, at creation and on wake-up); its affinity is put back after
+    every call, else threads it starts later (torch's pool) would inherit one CPU. A ggml built with
+    OpenMP (some installs are; the sdist's own build is pthreads) pins OpenMP's workers, shared by
+    every executor, on each pinned call: they stay pinned for unpinned executors in the process."""
 
     MAX_GRAPHS = 32
 

@@ -157,7 +157,7 @@ def engine_lines(module: nn.Module, source=None) -> list[str]:
     """Which CPU engine computes the routed experts (cpu_engines.py), one line per distinct choice:
     as loaded (the operators chose at load) or, on a placed meta model, as a load from `source`
     would choose from its headers (None: Q4_K_M types)."""
-    from . import cpu_engines, ggml_lib
+    from . import cpu_engines
     from .ops.experts_ggml import GGMLExperts
     from .ops.experts_reference import layer_of
 

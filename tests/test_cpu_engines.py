@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from test_experts_ggml import ACT_BOUND, E, PREFIX, FakeSource, emulated, expert_tensors, load_pair, rel, routing
+from test_experts_ggml import (ACT_BOUND, PREFIX, E, H, I, K, FakeSource, emulated, expert_tensors, load_pair, rel,
+                               routing)
 
 from hybrid_r1 import cpu_engines, ggml_lib, hugepages
 from hybrid_r1.errors import CheckpointError
@@ -26,7 +27,6 @@ from hybrid_r1.ops.base import OpArgsError
 from hybrid_r1.ops.experts_ggml import GGMLArgs, GGMLExperts
 from hybrid_r1.placement import RuleError, parse_rules
 
-H, I, K = 256, 256, 4
 KT_MISSING = cpu_engines.KTLlamafileEngine.missing()
 needs_kt = pytest.mark.skipif(KT_MISSING is not None, reason=f"kt-kernel absent: {KT_MISSING}")
 Q4_K_M = (QT.Q4_K, QT.Q4_K, QT.Q6_K)
@@ -132,7 +132,8 @@ def test_an_engine_not_installed_is_a_typed_error_naming_the_rule(monkeypatch):
 def test_an_engine_that_cannot_run_the_types_names_the_tensor():
     tensors = expert_tensors((QT.Q4_K, QT.Q4_K, QT.IQ4_NL), seed=52)
     op = GGMLExperts(E, H, I, threads=1, engine="kt_llamafile")
-    with pytest.raises(CheckpointError, match=r"engine kt_llamafile runs .*Q4_K.*, not Q4_K/Q4_K/IQ4_NL.*ffn_down_exps"):
+    with pytest.raises(CheckpointError,
+                       match=r"engine kt_llamafile runs .*Q4_K.*, not Q4_K/Q4_K/IQ4_NL.*ffn_down_exps"):
         op.load_weights(FakeSource(tensors), PREFIX)
 
 
@@ -236,7 +237,8 @@ def test_numa_split_sums_to_the_whole_layer_without_reading_more_experts():
             continue
         ids, wl = part
         assert set((ids + lo).unique().tolist()) <= set(idx.unique().tolist())  # no expert the call does not use
-        sliced = {p: type(t)(t.name, t.file, t.ggml_type, (*t.ne[:2], hi - lo), t.data[lo:hi]) for p, t in tensors.items()}
+        sliced = {p: type(t)(t.name, t.file, t.ggml_type, (*t.ne[:2], hi - lo), t.data[lo:hi])
+                  for p, t in tensors.items()}
         piece = GGMLExperts(hi - lo, H, I, threads=2, engine="ggml")
         piece.load_weights(FakeSource(sliced), PREFIX)
         total += piece(x, ids, wl)

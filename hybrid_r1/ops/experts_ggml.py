@@ -36,7 +36,7 @@ class GGMLArgs(OpArgs):
     prefill_device: str | None = None  # a CUDA device: long calls stream the experts there
     prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
     engine: Literal["auto", "ggml", "kt_llamafile"] = "auto"  # cpu_engines.py; auto: the fastest installed
-    pin: bool = False  # ggml threads pinned, one per physical core (threads.core_cpus)
+    pin: bool = False  # ggml threads pinned, one per physical core (ggml_lib.core_cpus)
     hugepages: bool = False  # copy the experts into anonymous 2 MiB pages at load (hugepages.py: RAM cost)
 
     def check(self) -> None:
@@ -132,7 +132,8 @@ class GGMLExperts(Operator):
         try:
             self.engine_class, self.engine_why = cpu_engines.choose(self.engine, weights.types)
         except cpu_engines.EngineError as e:
-            t = next(tensors[p] for p, ty in zip(parts, weights.types) if not cpu_engines.ENGINES[self.engine].runs((ty,) * 3))
+            runs = cpu_engines.ENGINES[self.engine].runs
+            t = next(tensors[p] for p, ty in zip(parts, weights.types) if not runs((ty,) * 3))
             raise CheckpointError(str(e), file=t.file, tensor=t.name) from None
         if self.hugepages:
             weights = ggml_lib.ExpertWeights(*(hugepages.anonymous_copy(getattr(weights, p)) for p in parts),
