@@ -25,9 +25,14 @@ Nothing optional is imported at module import: kt-kernel is imported by `missing
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import functools
 import importlib
 import importlib.util
+import os
+import sys
 import threading
 from typing import ClassVar
 
@@ -108,6 +113,32 @@ def _kt():
         return f"kt-kernel is installed but does not load here: {type(e).__name__}: {str(e).splitlines()[0]}"
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """kt-kernel's C++ prints banners to stdout (fd 1), where `hybrid-r1 generate` writes the
+    answer: while kt builds its pools and layers, fd 1 points at stderr. Both C stdio buffers are
+    flushed at each switch, so nothing buffered crosses over."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _stdout_to_stderr_at_exit() -> None:
+    """Its pools say goodbye on stdout when the interpreter tears them down: after everything
+    else has been written and flushed, fd 1 points at stderr for the rest of the shutdown."""
+    sys.stdout.flush()
+    ctypes.CDLL(None).fflush(None)
+    os.dup2(2, 1)
+
+
 _kt_pools: dict[int, object] = {}
 _kt_pools_lock = threading.Lock()
 
@@ -148,10 +179,11 @@ class KTLlamafileEngine(CPUEngine):
         cfg.gate_proj, cfg.up_proj, cfg.down_proj = weights.addresses
         cfg.gate_type, cfg.up_type, cfg.down_type = weights.types
         cfg.hidden_type = kt.kvcache.ggml_type.FP32
-        self.moe = kt.moe.MOE(cfg)
         self._map = torch.arange(weights.n_experts, dtype=torch.int32)
-        self.pool.submit(self.moe.load_weights_task(self._map.data_ptr()))
-        self.pool.sync()
+        with _stdout_to_stderr():
+            self.moe = kt.moe.MOE(cfg)
+            self.pool.submit(self.moe.load_weights_task(self._map.data_ptr()))
+            self.pool.sync()
         self._bsz = torch.zeros(1, dtype=torch.int32)
         self._out = torch.empty(0)
 
@@ -162,7 +194,10 @@ class KTLlamafileEngine(CPUEngine):
             if n not in _kt_pools:
                 cfg = kt.WorkerPoolConfig()
                 cfg.subpool_count, cfg.subpool_numa_map, cfg.subpool_thread_count = 1, [0], [n]
-                _kt_pools[n] = kt.CPUInfer(cfg)
+                if not _kt_pools:
+                    atexit.register(_stdout_to_stderr_at_exit)
+                with _stdout_to_stderr():
+                    _kt_pools[n] = kt.CPUInfer(cfg)
             return _kt_pools[n]
 
     def run(self, ex, x, ids, w):

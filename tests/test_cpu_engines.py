@@ -75,6 +75,24 @@ def test_kt_reads_the_bytes_in_place_and_follows_chunks():
 
 
 @needs_kt
+def test_kt_prints_nothing_on_stdout():
+    """kt's C++ banners would land in `hybrid-r1 generate`'s answer on stdout; they go to stderr. The
+    test runs kt in a child process: its exit (kt's goodbye) is part of what is checked."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; sys.path.insert(0, 'tests')\n"
+            "from test_experts_ggml import expert_tensors, load_pair\n"
+            "op, _ = load_pair(expert_tensors((12, 12, 14), seed=1), engine='kt_llamafile')\n"
+            "y = op(torch.randn(2, 256), torch.arange(4).repeat(2, 1), torch.rand(2, 4))\n"
+            "print('answer', bool(y.norm() > 0))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "answer True\n" and "TP MOE" in done.stderr and "Goodbye" in done.stderr
+
+
+@needs_kt
 def test_kt_releases_the_gil():
     op, _ = load_pair(expert_tensors(Q4_K_M, seed=51), threads=1, engine="kt_llamafile")
     x, idx, w = torch.randn(256, H), torch.randint(0, E, (256, K)), torch.rand(256, K)
