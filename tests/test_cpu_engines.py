@@ -93,6 +93,18 @@ def test_kt_prints_nothing_on_stdout():
 
 
 @needs_kt
+def test_kt_is_imported_only_when_a_layer_loads():
+    import subprocess
+    import sys
+
+    code = ("import sys; import hybrid_r1.ops.experts_ggml; from hybrid_r1.placement import parse_rules\n"
+            "parse_rules([{'name': 'x', 'op': 'experts.ggml_cpu', 'device': 'cpu', 'args': {'engine': 'auto'}}])\n"
+            "print('kt_kernel' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "False\n", done.stderr
+
+
+@needs_kt
 def test_kt_releases_the_gil():
     op, _ = load_pair(expert_tensors(Q4_K_M, seed=51), threads=1, engine="kt_llamafile")
     x, idx, w = torch.randn(256, H), torch.randint(0, E, (256, K)), torch.rand(256, K)
