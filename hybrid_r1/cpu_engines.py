@@ -8,6 +8,9 @@ An engine declares the GGML types it computes (`types`), says why it cannot run 
 `ggml_lib.ExpertWeights`, never copying them. Engines:
 
     ggml          this project's ggml_lib (ggml-python): every type ggml's CPU backend multiplies.
+    ggml_numa     ggml with one thread pool per NUMA node, each computing only the experts of its
+                  node's share (numa.py): for two-socket hosts; never chosen by `auto` (the device
+                  host has one node: not measured).
     kt_llamafile  kt-kernel's LLAMAFILE MoE (KTransformers' CPU kernels, PyPI `kt-kernel`), an
                   optional install: the K-quants, Q4_0, Q5_0 and Q8_0 (the types it computes to
                   within ggml's own rounding in tests/test_cpu_engines.py; it aborts the process on
@@ -41,7 +44,7 @@ import torch
 from . import ggml_lib
 from .errors import HybridR1Error
 
-ENGINE_NAMES = ("auto", "ggml", "kt_llamafile")
+ENGINE_NAMES = ("auto", "ggml", "ggml_numa", "kt_llamafile")
 FASTEST_FIRST = ("kt_llamafile", "ggml")  # benchmarks/results/experts_cpu_engines.md
 KT_INSTALL = ("pip install --no-deps kt-kernel==0.7.2 (cp311/cp312 wheels; without its torch pin: "
               "it runs on the installed torch)")
@@ -95,6 +98,53 @@ class GGMLEngine(CPUEngine):
         g.tensors["w"].copy_(w)
         ex.compute(g)
         return g.tensors["out"]
+
+
+class GGMLNumaEngine(CPUEngine):
+    """ggml, the layer's experts split into one contiguous range per NUMA node (numa.py): node p's
+    pool (its physical cores, pinned) computes the slots routed to its range, all nodes at once
+    (ggml releases the GIL), and the parts are summed. No weight is duplicated; each node reads
+    only its range, which is local where its pages were first touched on that node."""
+
+    name = "ggml_numa"
+    types = None
+    measured = frozenset()  # auto never picks it: one-node device host, not measured
+
+    def __init__(self, weights: ggml_lib.ExpertWeights, threads: int, max_tokens: int, n_used: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from . import numa
+
+        nodes = numa.nodes()
+        cores = set(ggml_lib.core_cpus())
+        self.ranges = numa.expert_ranges(weights.n_experts, len(nodes))
+        self.parts = []
+        for (lo, hi), cpus in zip(self.ranges, nodes.values()):
+            mine = tuple(c for c in cpus if c in cores) or cpus  # one thread per physical core of the node
+            part = ggml_lib.ExpertWeights(weights.gate[lo:hi], weights.up[lo:hi], weights.down[lo:hi],
+                                          weights.types, weights.hidden, weights.intermediate)
+            self.parts.append((GGMLEngine(part, len(mine), max_tokens, n_used),
+                               ggml_lib.executor(len(mine), 0, mine)))
+        self.pool = ThreadPoolExecutor(len(self.parts)) if len(self.parts) > 1 else None
+
+    def run(self, ex, x, ids, w):
+        from . import numa
+
+        x = x.to(torch.float32)
+        splits = numa.split_routing(ids, w, self.ranges)
+
+        def part(i: int) -> torch.Tensor | None:
+            if splits[i] is None:
+                return None
+            engine, pex = self.parts[i]
+            with contextlib.nullcontext() if pex is ex else pex.lock:  # the caller holds ex.lock
+                return engine.run(pex, x, *splits[i]).clone()
+
+        outs = list(self.pool.map(part, range(len(self.parts)))) if self.pool else [part(0)]
+        outs = [o for o in outs if o is not None]
+        if not outs:  # no tokens
+            return torch.zeros((ids.shape[0], self.parts[0][0].weights.hidden))
+        return functools.reduce(torch.add, outs)
 
 
 # GGML type numbers kt-kernel 0.7.2's LLAMAFILE backend computes as ggml does (see the docstring)
@@ -219,7 +269,8 @@ class KTLlamafileEngine(CPUEngine):
         return self._out
 
 
-ENGINES: dict[str, type[CPUEngine]] = {"ggml": GGMLEngine, "kt_llamafile": KTLlamafileEngine}
+ENGINES: dict[str, type[CPUEngine]] = {"ggml": GGMLEngine, "ggml_numa": GGMLNumaEngine,
+                                       "kt_llamafile": KTLlamafileEngine}
 
 
 def installed() -> list[str]:

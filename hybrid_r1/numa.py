@@ -8,11 +8,15 @@ made there). A call's routing is split per node by `split_routing`: node p compu
 local slots, with the expert ids made local (id - lo_p); a token with fewer local slots than k pads
 with a local expert the call reads anyway, at weight 0 (no extra DRAM traffic, a little extra
 compute), and a node no token routes to skips the call. The per-node outputs
-sum to the full layer's (tests/test_cpu_engines.py checks this on one node). Each node's part runs
-on a thread pool pinned to that node's CPUs, all parts at once, then the sum.
+sum to the full layer's (tests/test_cpu_engines.py checks this). Each node's part runs on a thread
+pool pinned to that node's CPUs, all parts at once, then the sum.
 
-What runs today: the node table and the split with its test. The lent machine's host has one NUMA
-node (16 cores), so the per-node pools and their timing are not wired in or measured yet.
+`engine: ggml_numa` (cpu_engines.GGMLNumaEngine) runs it: one pinned ggml pool per node, tested
+with two nodes faked on one (tests/test_cpu_engines.py). Not measured: the lent machine's host has
+one NUMA node. Where the pages live is up to the kernel: a GGUF's page cache sits on the node that
+read it first (its pages read from each node's threads, e.g. a warm-up call, or `numactl
+--interleave` for none); placing each range's pages on its node at load (a per-node copy, or
+mbind) is the step after this one.
 """
 
 from __future__ import annotations

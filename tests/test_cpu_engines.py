@@ -299,3 +299,44 @@ def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
     load_model(path, info=lines.append, device="cpu")
     shown = [line for line in lines if line.startswith("CPU experts engine: ")]
     assert len(shown) == 1 and "layers 1-" in shown[0], lines
+
+
+def test_ggml_numa_engine_equals_ggml_with_two_nodes(monkeypatch):
+    """Two nodes faked as one CPU each (the machines here have one): each node's pinned pool
+    computes its half of the experts, the sum equals the one-pool layer to fp32 summation order."""
+    import typing
+
+    from hybrid_r1 import numa
+
+    assert typing.get_args(typing.get_type_hints(GGMLArgs)["engine"]) == cpu_engines.ENGINE_NAMES
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one usable CPU: two nodes cannot be faked")
+    monkeypatch.setattr(numa, "nodes", lambda: {0: (cpus[0],), 1: (cpus[1],)})
+    monkeypatch.setattr(ggml_lib, "core_cpus", lambda: tuple(cpus))
+    tensors = expert_tensors(Q4_K_M, seed=57)
+    whole, ref = load_pair(tensors, engine="ggml")
+    split, _ = load_pair(tensors, engine="ggml_numa")
+    assert cpu_engines.choose("auto", (QT.Q8_0,) * 3)[0].name != "ggml_numa"
+    gen = torch.Generator().manual_seed(57)
+    before = _thread_cpus()
+    try:
+        for T in (1, 7):
+            x = torch.randn(T, H, generator=gen)
+            idx, w = routing(T, K, E, gen)
+            y = split(x, idx, w)
+            # only the last slot-sum differs in order: k + 1 fp32 additions (see the numa split test)
+            assert rel(y, whole(x, idx, w)) < 1e-5
+            assert rel(y, emulated(ref, Q4_K_M, x, idx, w)) < 2e-3
+        eng = split._engine
+        assert [ex.cpus for _, ex in eng.parts] == [(cpus[0],), (cpus[1],)]
+        assert [p.weights.n_experts for p, _ in eng.parts] == [E // 2, E // 2]
+        assert eng.parts[1][0].weights.gate.ctypes.data == tensors["gate"].data[E // 2:].ctypes.data  # no copy
+        one = torch.tensor([[0, 1, 2, 3]])  # every slot on node 0: node 1 skips the call
+        assert rel(split(x[:1], one, w[:1]), whole(x[:1], one, w[:1])) < 1e-5
+    finally:
+        for tid, c in before.items():  # OpenMP builds share pinned workers: unpin them for other tests
+            try:
+                os.sched_setaffinity(tid, c)
+            except OSError:
+                pass

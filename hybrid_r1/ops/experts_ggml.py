@@ -35,7 +35,7 @@ class GGMLArgs(OpArgs):
     poll: int = 0  # how long idle ggml workers spin before sleeping (0..100)
     prefill_device: str | None = None  # a CUDA device: long calls stream the experts there
     prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
-    engine: Literal["auto", "ggml", "kt_llamafile"] = "auto"  # cpu_engines.py; auto: the fastest installed
+    engine: Literal["auto", "ggml", "ggml_numa", "kt_llamafile"] = "auto"  # cpu_engines.py; auto: the fastest
     pin: bool = False  # ggml threads pinned, one per physical core (ggml_lib.core_cpus)
     hugepages: bool = False  # copy the experts into anonymous 2 MiB pages at load (hugepages.py: RAM cost)
 
