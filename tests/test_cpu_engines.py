@@ -151,7 +151,7 @@ def test_an_engine_not_installed_is_a_typed_error_naming_the_rule(monkeypatch):
     with pytest.raises(RuleError, match=r"my.yaml rule 2: bad args for experts.ggml_cpu: engine kt_llamafile "
                                         r"cannot run: .*pip install --no-deps kt-kernel"):
         parse_rules([{"name": "^x$", "device": "cpu"}, rule], where="my.yaml")
-    with pytest.raises(RuleError, match=r"rule 1: bad args.*engine must be one of 'auto', 'ggml', 'kt_llamafile'"):
+    with pytest.raises(RuleError, match=r"rule 1: bad args.*engine must be one of 'auto', 'ggml', 'ggml_numa', 'kt_llamafile'"):
         parse_rules([dict(rule, args={"engine": "llamafile"})])
     with pytest.raises(RuleError, match="pin must be true or false"):
         parse_rules([dict(rule, args={"pin": 1})])
