@@ -56,7 +56,7 @@ def _plan(args) -> int:
     device needs, without loading any weight: a --model checkpoint's headers are read, nothing else."""
     from . import placement
     from .loading import build, default_device_dtype, open_checkpoint
-    from .plan import HEADROOM, available, fits, memory_plan, placement_table
+    from .plan import HEADROOM, available, engine_lines, fits, memory_plan, placement_table
 
     rules = placement.load_rules(args.rules) if args.rules else None
     # A plan may describe the GPU machine a rule file is for: its run dtype is then bfloat16.
@@ -97,6 +97,8 @@ def _plan(args) -> int:
     print(f"\n{'computed by':<{w}}  {'device':<7} {'modules':>7}  {'layers':<10} rule")
     for r in rows:
         print(f"{r.what:<{w}}  {r.device:<7} {r.count:>7}  {r.layers or '-':<10} {r.rule or '(default device)'}")
+    for line in engine_lines(module, source):
+        print(line)
     mem = memory_plan(module, source, dtype, args.context)
     gib = 2**30
     print(f"\nmemory: weights as they will be stored, plus the MLA cache for {args.context} tokens")

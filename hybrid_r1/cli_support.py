@@ -112,11 +112,15 @@ def load_model(path, *, info, threads: int | None = None, progress_stream=None, 
     finally:
         bar.close()
     threads_mod.apply(choice, runtime)
+    from .plan import engine_lines
+
     if runtime.world is not None:
         info(f"loaded in {time.perf_counter() - t0:.1f} s: tensor-parallel over {runtime.world.size} ranks "
              f"({runtime.world.backend}), this one on {runtime.module.lm_head.weight.device}")
-        if not runtime.world.leader:
-            raise SystemExit(runtime.follow())  # the whole life of a follower rank
     else:
         info(f"loaded in {time.perf_counter() - t0:.1f} s on {runtime.module.lm_head.weight.device}")
+    for line in engine_lines(runtime.module):
+        info(line)
+    if runtime.world is not None and not runtime.world.leader:
+        raise SystemExit(runtime.follow())  # the whole life of a follower rank
     return runtime

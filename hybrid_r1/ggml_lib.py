@@ -140,10 +140,11 @@ def cpu_features() -> list[str]:
     return [n.upper() for n in names if getattr(g, f"ggml_cpu_has_{n}", lambda: 0)()]
 
 
-def physical_cores() -> int:
-    """Cores this process may run on, one per physical core (SMT siblings counted once)."""
-    cpus = os.sched_getaffinity(0)
-    cores = set()
+def core_cpus() -> tuple[int, ...]:
+    """One logical CPU per physical core this process may run on (the lowest-numbered SMT sibling),
+    sorted: where pinned threads go. Without /sys topology, every usable CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    first: dict[tuple[str, str], int] = {}
     for c in cpus:
         try:
             with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f:
@@ -151,9 +152,14 @@ def physical_cores() -> int:
             with open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f:
                 package = f.read().strip()
         except OSError:
-            return len(cpus)
-        cores.add((package, core))
-    return max(1, len(cores))
+            return tuple(cpus)
+        first.setdefault((package, core), c)
+    return tuple(sorted(first.values())) or tuple(cpus)
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, one per physical core (SMT siblings counted once)."""
+    return max(1, len(core_cpus()))
 
 
 @dataclass(frozen=True)
@@ -285,21 +291,35 @@ class Executor:
 
     `poll` (0-100, ggml's scale; llama.cpp uses 50): how long idle workers spin waiting for the next
     graph before they sleep. 50 spins ~0.1 s after every graph, on every worker; 0 sleeps at once,
-    leaving the cores to the rest of the step (the GPU side) at a wake-up cost of microseconds."""
+    leaving the cores to the rest of the step (the GPU side) at a wake-up cost of microseconds.
+
+    `cpus` pins each thread to one of the lowest `n_threads` of these CPUs (ggml's strict placement,
+    wrapping if there are fewer; e.g. core_cpus(): one thread per physical core). ggml pins the
+    calling thread too (as thread 0, at creation and on wake-up); its affinity is put back after
+    every call, else threads it starts later (torch's pool) would inherit one CPU. A ggml built with
+    OpenMP (some installs are; the sdist's own build is pthreads) pins OpenMP's workers, shared by
+    every executor, on each pinned call: they stay pinned for unpinned executors in the process."""
 
     MAX_GRAPHS = 32
 
-    def __init__(self, n_threads: int, poll: int = 0):
+    def __init__(self, n_threads: int, poll: int = 0, cpus: tuple[int, ...] | None = None):
         if n_threads < 1:
             raise ValueError(f"threads must be >= 1, got {n_threads}")
         if not 0 <= poll <= 100:
             raise ValueError(f"poll must be in 0..100, got {poll}")
         g = _ggml()
-        self.n_threads, self.poll = n_threads, poll
+        if cpus is not None and (not cpus or any(not 0 <= c < g.GGML_MAX_N_THREADS for c in cpus)):
+            raise ValueError(f"cpus must be CPU numbers below {g.GGML_MAX_N_THREADS}, got {cpus}")
+        self.n_threads, self.poll, self.cpus = n_threads, poll, cpus
         self.lock = threading.Lock()
         params = g.ggml_threadpool_params_default(n_threads)
         params.poll = poll
-        self.threadpool = g.ggml_threadpool_new(ctypes.byref(params))
+        if cpus is not None:  # strict: each thread takes the next set CPU, in ascending order, wrapping
+            for c in sorted(cpus)[:n_threads]:
+                params.cpumask[c] = True
+            params.strict_cpu = True
+        with _keep_affinity():
+            self.threadpool = g.ggml_threadpool_new(ctypes.byref(params))
         if not self.threadpool:
             raise RuntimeError(f"ggml could not start {n_threads} threads")
         self._arena = np.empty(0, np.uint8)
@@ -331,7 +351,11 @@ class Executor:
         if graph.plan.work_size > self._work.nbytes:
             self._work = _aligned_empty(graph.plan.work_size)
         graph.plan.work_data = ctypes.cast(self._work.ctypes.data, ctypes.POINTER(ctypes.c_uint8))
-        status = g.ggml_graph_compute(graph.graph, ctypes.byref(graph.plan))
+        if self.cpus is None:
+            status = g.ggml_graph_compute(graph.graph, ctypes.byref(graph.plan))
+        else:
+            with _keep_affinity():
+                status = g.ggml_graph_compute(graph.graph, ctypes.byref(graph.plan))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
 
@@ -346,13 +370,24 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start: start + nbytes]
 
 
-_executors: dict[tuple[int, int], Executor] = {}
+class _keep_affinity:
+    """Restores the calling thread's CPU affinity on exit (ggml pins its caller when it pins)."""
+
+    def __enter__(self):
+        self.saved = os.sched_getaffinity(0)  # pid 0 = the calling thread on Linux
+
+    def __exit__(self, *exc):
+        os.sched_setaffinity(0, self.saved)
+
+
+_executors: dict[tuple, Executor] = {}
 _executors_lock = threading.Lock()
 
 
-def executor(n_threads: int, poll: int = 0) -> Executor:
+def executor(n_threads: int, poll: int = 0, cpus: tuple[int, ...] | None = None) -> Executor:
     """The process-wide executor for these settings (made on first use, then shared)."""
+    key = (n_threads, poll, cpus)
     with _executors_lock:
-        if (n_threads, poll) not in _executors:
-            _executors[n_threads, poll] = Executor(n_threads, poll)
-        return _executors[n_threads, poll]
+        if key not in _executors:
+            _executors[key] = Executor(n_threads, poll, cpus)
+        return _executors[key]

@@ -152,3 +152,34 @@ def fits(plan: MemoryPlan, device: str, free: int | None) -> bool | None:
     if free is None:
         return None
     return plan.total(device) <= free * (1 - HEADROOM)
+
+
+Q4_K_M_TYPES = (12, 12, 14)  # Q4_K gate/up, Q6_K down: what a plan without a checkpoint assumes
+
+
+def engine_lines(module: nn.Module, source=None) -> list[str]:
+    """Which CPU engine computes the routed experts (cpu_engines.py), one line per distinct choice:
+    as loaded (the operators chose at load) or, on a placed meta model, as a load from `source`
+    would choose from its headers (None: Q4_K_M types)."""
+    from . import cpu_engines
+    from .ops.experts_ggml import GGMLExperts
+    from .ops.experts_reference import layer_of
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for path, m in module.named_modules():
+        if not isinstance(m, GGMLExperts):
+            continue
+        if m.engine_class is not None:
+            line = f"{m.engine_class.name} ({m.engine_why})"
+        else:
+            found = source.ggml_experts(layer_of(path)) if source is not None else None
+            types = tuple(found[p].ggml_type for p in ("gate", "up", "down")) if found else Q4_K_M_TYPES
+            try:
+                cls, why = cpu_engines.choose(m.engine, types)
+                line = f"{cls.name} ({why})"
+            except cpu_engines.EngineError as e:
+                line = f"NONE: {e}"
+        groups[line].append(layer_of(path))
+    extra = cpu_engines.describe_missing()
+    return [f"CPU experts engine: {line}, layers {_ranges(sorted(layers))}" + (f"; {extra}" if extra else "")
+            for line, layers in groups.items()]

@@ -74,10 +74,11 @@ def expert_tensors(types: tuple[int, int, int], seed: int, n_experts: int = E):
     return out
 
 
-def load_pair(tensors, threads=2, **kw):
+def load_pair(tensors, threads=2, engine="ggml", **kw):
+    """(the op on `engine`: ggml here; tests/test_cpu_engines.py runs the others, the fp64 reference)."""
     src = FakeSource(tensors)
     n = tensors["gate"].ne[2]
-    op = GGMLExperts(n, H, I, threads=threads, **kw)
+    op = GGMLExperts(n, H, I, threads=threads, engine=engine, **kw)
     op.load_weights(src, PREFIX)
     ref = DequantExperts(n, H, I, compute_dtype=torch.float64)
     ref.load_weights(src, PREFIX)

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from .. import ggml_lib
+from .. import cpu_engines, ggml_lib, hugepages
 from ..errors import CheckpointError, InputError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
@@ -42,6 +42,9 @@ class GGMLArgs(OpArgs):
     hot_experts: str | None = None  # routing counts (hybrid-r1 calibrate) choosing them; else the first N
     gpu_device: str = "cuda"  # where the resident experts live
     gpu_scheme: Literal["block", "channel"] = "block"  # their INT8 scheme
+    engine: Literal["auto", "ggml", "ggml_numa", "kt_llamafile"] = "auto"  # cpu_engines.py; auto: the fastest
+    pin: bool = False  # ggml threads pinned, one per physical core (ggml_lib.core_cpus)
+    hugepages: bool = False  # copy the experts into anonymous 2 MiB pages at load (hugepages.py: RAM cost)
 
     def check(self) -> None:
         if self.threads is not None:
@@ -76,6 +79,10 @@ class GGMLArgs(OpArgs):
                 ok = False
             if not ok:
                 raise OpArgsError("prefill_device", f"must be a CUDA device, got {self.prefill_device!r}")
+        try:
+            cpu_engines.check_installed(self.engine)
+        except cpu_engines.EngineError as e:
+            raise OpArgsError("engine", str(e).removeprefix("engine ")) from None
 
 
 class GGMLExperts(Operator):
@@ -84,7 +91,10 @@ class GGMLExperts(Operator):
     width (hence `chunk_tokens`); `poll` 0 frees the cores between layers (ggml_lib.Executor);
     with `prefill_device`, calls of at least `prefill_min_tokens` tokens stream the used experts to
     that GPU and run there (experts_gpu_prefill.py); types it cannot expand stay on the CPU, with a
-    warning. Runs on the host: a decode graph breaks around it."""
+    warning. `engine` picks the library that computes (cpu_engines.py: auto = the fastest installed
+    one that runs the layer's types), `pin` pins ggml's threads one per physical core, `hugepages`
+    copies the experts into anonymous huge pages at load. Runs on the host: a decode graph breaks
+    around it."""
 
     name = "experts.ggml_cpu"
     replaces = "Experts"
@@ -103,6 +113,10 @@ class GGMLExperts(Operator):
         self.chunk_tokens, self.poll = a.chunk_tokens, a.poll
         self.prefill_device, self.prefill_min_tokens = a.prefill_device, a.prefill_min_tokens
         self.overlap_timeout_s = a.overlap_timeout_s
+        self.engine, self.pin, self.hugepages = a.engine, a.pin, a.hugepages
+        self.engine_class: type[cpu_engines.CPUEngine] | None = None  # chosen at load, for these types
+        self.engine_why = ""
+        self._engine_key, self._engine = None, None  # the engine instance, made on first call
         self.prefill: GPUExpertPrefill | None = None
         self._pinned_key, self._pinned_bufs = None, ()  # host staging of decode calls from a GPU
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
@@ -135,13 +149,24 @@ class GGMLExperts(Operator):
     def load_weights(self, source: WeightSource, prefix: str, shard: Shard | None = None) -> None:
         assert shard is None, "experts.ggml_cpu does not shard"  # declared: shardable = False
         tensors = expert_tensors(source, prefix, self.n_experts, self.hidden_size, self.intermediate_size)
+        parts = ("gate", "up", "down")
         weights = ggml_lib.ExpertWeights(
-            tensors["gate"].data, tensors["up"].data, tensors["down"].data,
-            tuple(tensors[p].ggml_type for p in ("gate", "up", "down")), self.hidden_size, self.intermediate_size)
+            *(tensors[p].data for p in parts), tuple(tensors[p].ggml_type for p in parts),
+            self.hidden_size, self.intermediate_size)
         for part, why in weights.problems().items():
             t = tensors[part]
             raise CheckpointError(f"{why} (experts.dequant computes any type)", file=t.file, tensor=t.name)
+        try:
+            self.engine_class, self.engine_why = cpu_engines.choose(self.engine, weights.types)
+        except cpu_engines.EngineError as e:
+            runs = cpu_engines.ENGINES[self.engine].runs
+            t = next(tensors[p] for p, ty in zip(parts, weights.types) if not runs((ty,) * 3))
+            raise CheckpointError(str(e), file=t.file, tensor=t.name) from None
+        if self.hugepages:
+            weights = ggml_lib.ExpertWeights(*(hugepages.anonymous_copy(getattr(weights, p)) for p in parts),
+                                             weights.types, self.hidden_size, self.intermediate_size)
         self.tensors, self.weights = tensors, weights
+        self._engine_key, self._engine = None, None
         if self.prefill_device is not None:
             if supported(tensors):
                 self.prefill = GPUExpertPrefill(tensors, self.prefill_device)
@@ -160,7 +185,7 @@ class GGMLExperts(Operator):
         check_call(x, idx, topk_w, self.n_experts, self.hidden_size)
         if on_gpu:
             return self.prefill(x, idx, topk_w).to(x.device, x.dtype)
-        ex = ggml_lib.executor(self.threads, self.poll)
+        ex = self._executor()
         if n <= self.chunk_tokens:  # decode and short prefill: one graph, no intermediate copies
             with ex.lock:
                 return self._run(ex, x, idx, topk_w).to(x.device, x.dtype, copy=True)
@@ -185,7 +210,7 @@ class GGMLExperts(Operator):
         torch.cuda.current_stream(x.device).synchronize()
         check_call(hx, hi, hw, self.n_experts, self.hidden_size)
         beside = gpu_work() if gpu_work is not None else None
-        ex = ggml_lib.executor(self.threads, self.poll)
+        ex = self._executor()
         with ex.lock:
             hy.copy_(self._run(ex, hx, hi, hw))
         if beside is None:
@@ -202,17 +227,23 @@ class GGMLExperts(Operator):
                                  torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
         return self._pinned_bufs
 
+    def _executor(self) -> ggml_lib.Executor:
+        """The ggml executor of these settings; its lock also serialises the other engines' layers."""
+        return ggml_lib.executor(self.threads, self.poll, ggml_lib.core_cpus() if self.pin else None)
+
     def _run(self, ex: ggml_lib.Executor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """One graph over these tokens; returns a view of the executor's arena (caller holds ex.lock)."""
-        g = ex.moe_graph(self.weights, idx.shape[0], idx.shape[1])
-        g.tensors["x"].copy_(x)  # to float32 on the CPU, int64 ids to int32, in one pass each
-        g.tensors["ids"].copy_(idx)
-        g.tensors["w"].copy_(w)
-        ex.compute(g)
-        return g.tensors["out"]
+        """These tokens on the chosen engine; returns float32 [T, hidden] that stays valid until the
+        next call of any layer (caller holds ex.lock)."""
+        key = (self.threads, idx.shape[1])
+        if self._engine_key != key:  # threads are set after load (threads.apply); kt sizes buffers by top-k
+            self._engine = self.engine_class(self.weights, self.threads, self.chunk_tokens, idx.shape[1])
+            self._engine_key = key
+        return self._engine.run(ex, x, idx, w)
 
     def extra_repr(self) -> str:
         types = "not loaded" if self.weights is None else "/".join(ggml_lib.type_name(t) for t in self.weights.types)
         return (f"n_experts={self.n_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"threads={self.threads}, poll={self.poll}, {types}"
+                f"threads={self.threads}, poll={self.poll}, {types}, "
+                f"engine={self.engine_class.name if self.engine_class else self.engine}"
+                + (", pinned" if self.pin else "") + (", huge pages" if self.hugepages else "")
                 + (f", prefill on {self.prefill_device} from {self.prefill_min_tokens} tokens" if self.prefill else ""))
