@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,6 +21,7 @@ from ..errors import CheckpointError, InputError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
 from ..threads import check_threads
+from . import prefill_cost
 from .base import OpArgs, OpArgsError, Operator, Shard
 from .experts_gpu_prefill import GPUExpertPrefill, supported
 from .experts_reference import check_call, expert_tensors, ggml_expert_bytes, layer_of
@@ -33,7 +35,9 @@ class GGMLArgs(OpArgs):
     chunk_tokens: int = 1024  # prefill runs in chunks of at most this many tokens
     poll: int = 0  # how long idle ggml workers spin before sleeping (0..100)
     prefill_device: str | None = None  # a CUDA device: long calls stream the experts there
-    prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
+    prefill_min_tokens: int | None = None  # calls of this many tokens run there; None: the cost model decides
+    prefill_profile: str | None = None  # the cost model's machine profile (JSON); None: prefill_cost's defaults
+    prefill_pinning: Literal["register", "bounce"] = "register"  # how the stream reads host memory
 
     def check(self) -> None:
         if self.threads is not None:
@@ -45,7 +49,7 @@ class GGMLArgs(OpArgs):
             raise OpArgsError("chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
         if not 0 <= self.poll <= 100:
             raise OpArgsError("poll", f"must be in 0..100, got {self.poll}")
-        if self.prefill_min_tokens < 1:
+        if self.prefill_min_tokens is not None and self.prefill_min_tokens < 1:
             raise OpArgsError("prefill_min_tokens", f"must be >= 1, got {self.prefill_min_tokens}")
         if self.prefill_device is not None:
             try:
@@ -54,15 +58,20 @@ class GGMLArgs(OpArgs):
                 ok = False
             if not ok:
                 raise OpArgsError("prefill_device", f"must be a CUDA device, got {self.prefill_device!r}")
+        if self.prefill_profile is not None:
+            try:
+                prefill_cost.load_profile(self.prefill_profile)
+            except prefill_cost.ProfileError as e:
+                raise OpArgsError("prefill_profile", str(e)) from None
 
 
 class GGMLExperts(Operator):
     """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden], on x's
     device and dtype. Arguments: GGMLArgs. Activation memory is about 320 KB per token at 671B
     width (hence `chunk_tokens`); `poll` 0 frees the cores between layers (ggml_lib.Executor);
-    with `prefill_device`, calls of at least `prefill_min_tokens` tokens stream the used experts to
-    that GPU and run there (experts_gpu_prefill.py); types it cannot expand stay on the CPU, with a
-    warning. Runs on the host: a decode graph breaks around it."""
+    with `prefill_device`, calls the cost model (prefill_cost.py, or a fixed `prefill_min_tokens`)
+    finds faster there stream the used experts to that GPU and run there (experts_gpu_prefill.py);
+    types it cannot expand stay on the CPU, with a warning. Runs on the host: a decode graph breaks around it."""
 
     name = "experts.ggml_cpu"
     replaces = "Experts"
@@ -80,6 +89,9 @@ class GGMLExperts(Operator):
         self.threads = a.threads or ggml_lib.physical_cores()
         self.chunk_tokens, self.poll = a.chunk_tokens, a.poll
         self.prefill_device, self.prefill_min_tokens = a.prefill_device, a.prefill_min_tokens
+        self.prefill_pinning = a.prefill_pinning
+        self.profile = (prefill_cost.load_profile(a.prefill_profile) if a.prefill_profile
+                        else prefill_cost.PrefillProfile())
         self.prefill: GPUExpertPrefill | None = None
         self._pinned_key, self._pinned_bufs = None, ()  # host staging of decode calls from a GPU
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
@@ -116,7 +128,7 @@ class GGMLExperts(Operator):
         self.tensors, self.weights = tensors, weights
         if self.prefill_device is not None:
             if supported(tensors):
-                self.prefill = GPUExpertPrefill(tensors, self.prefill_device)
+                self.prefill = GPUExpertPrefill(tensors, self.prefill_device, self.prefill_pinning)
             else:
                 log.warning("%s: no GPU expander for %s; prefill stays on the CPU", prefix,
                             "/".join(ggml_lib.type_name(t.ggml_type) for t in tensors.values()))
@@ -125,7 +137,7 @@ class GGMLExperts(Operator):
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
         n = x.shape[0]
-        on_gpu = self.prefill is not None and n >= self.prefill_min_tokens
+        on_gpu = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
         if x.is_cuda and n <= self.chunk_tokens and not on_gpu:
             return self._from_gpu(x, topk_idx, topk_w)
         idx = topk_idx.cpu()
@@ -142,6 +154,13 @@ class GGMLExperts(Operator):
             with ex.lock:
                 out[s:e] = self._run(ex, x[s:e], idx[s:e], topk_w[s:e])
         return out.to(x.device, x.dtype)
+
+    def use_gpu(self, tokens: int, top_k: int) -> bool:
+        """Whether a call of `tokens` tokens streams to prefill_device: the fixed threshold if one is
+        set, else the cost model (prefill_cost.py) against this op's CPU engine."""
+        if self.prefill_min_tokens is not None:
+            return tokens >= self.prefill_min_tokens
+        return prefill_cost.use_gpu(self.profile, "ggml", tokens, self.n_experts, top_k, self.prefill.per_expert)
 
     def _from_gpu(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """A decode step from the GPU: the three inputs come over in one wait (pinned buffers,
@@ -181,4 +200,6 @@ class GGMLExperts(Operator):
         types = "not loaded" if self.weights is None else "/".join(ggml_lib.type_name(t) for t in self.weights.types)
         return (f"n_experts={self.n_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
                 f"threads={self.threads}, poll={self.poll}, {types}"
-                + (f", prefill on {self.prefill_device} from {self.prefill_min_tokens} tokens" if self.prefill else ""))
+                + (f", prefill on {self.prefill_device} "
+                   + (f"from {self.prefill_min_tokens} tokens" if self.prefill_min_tokens else "by cost")
+                   if self.prefill else ""))

@@ -1,121 +1,256 @@
 """Prefill of GGML-quantized routed experts on a GPU: stream the used experts' raw blocks over PCIe,
-expand them there (formats/ggml_dequant.py), multiply in BF16.
+expand them there (kernels/ggml_dequant.py), multiply in BF16.
 
 Why: at prefill a chunk of a few hundred tokens already routes to nearly every expert, and the CPU
 is then compute-bound (ggml's K-quant dot products), while the same bytes cross PCIe in a fraction
 of the time and the GPU multiplies them at tensor-core rate. llama.cpp does the same for big batches.
-Below `min_tokens` (decode, short prompts) the CPU, which reads each byte once from RAM, stays faster.
+When a call runs here is the cost model's choice (prefill_cost.py).
 
-The K-quants and Q8_0 are expanded by one Triton kernel (kernels/ggml_dequant.py); F16/BF16/F32 by a view.
-Pipeline per expert, two slots deep: the host copies the expert's gate/up/down blocks from the mapped
-file into a pinned slot (torch's copy runs on several threads), a side stream moves the slot to the
-GPU, and the compute stream dequantizes and multiplies while the next expert is staged. The pinned
-and device slots are shared by every layer on the same device (one layer runs at a time).
+Pipeline: the used experts are cut into groups of about GROUP_BYTES; a copy stream moves group g+1
+into one of two device staging buffers while the compute stream expands and multiplies group g from
+the other, so the copy engine never waits for the compute (which is the shorter of the two from a
+few hundred tokens up). The source is pinned one of two ways (`pinning`):
+- "register": the layer's mapped GGUF pages are page-locked once (host_pinning.py) and the copy
+  engine reads them in place: one DRAM read per byte, the full PCIe rate;
+- "bounce": CPU threads copy each group into a pinned host buffer first (torch's multi-threaded
+  copy), then the engine moves that: three DRAM passes per byte, below the PCIe rate on hosts whose
+  DRAM is not ~3x faster; the fallback where the driver refuses to lock the pages.
+The staging buffers and the copy stream are shared by every layer on the device (one layer runs at a
+time); events order each buffer's refill after the compute that read it.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
+import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..formats.ggml_dequant import SUPPORTED, dequantize
 from ..formats.ggml_tensor import GGMLTensor
+from ..host_pinning import Pinning, PinningError
 from ..model import group_by_expert
 
+log = logging.getLogger(__name__)
+
 PARTS = ("gate", "up", "down")
+PINNINGS = ("register", "bounce")
+# Raw bytes a group stages: ~4.6 ms of PCIe at 55 GB/s, so per-copy and per-event costs vanish, while
+# the first copy (nothing to overlap) and the last compute stay a few percent of a 7.3 GB layer.
+GROUP_BYTES = 256 << 20
 
 
 def supported(tensors: dict[str, GGMLTensor]) -> bool:
     return all(tensors[p].ggml_type in SUPPORTED for p in PARTS)
 
 
-@functools.lru_cache(maxsize=4)
-def _slots(device: torch.device, nbytes: int):
-    """Two (pinned host, device) byte buffers of one expert's blocks, and the copy stream."""
-    host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-    dev = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
-    return host, dev, torch.cuda.Stream(device)
+def expert_groups(used: list[int], per_expert: int, budget: int = GROUP_BYTES) -> list[list[int]]:
+    """Consecutive runs of `used` (sorted expert ids) of at most `budget` bytes, one expert at least."""
+    n = max(1, budget // per_expert)
+    return [used[i:i + n] for i in range(0, len(used), n)]
+
+
+def runs(experts: list[int]) -> list[tuple[int, int]]:
+    """[first, last + 1) of each run of consecutive ids: one copy per run and part."""
+    out: list[tuple[int, int]] = []
+    for e in experts:
+        if out and out[-1][1] == e:
+            out[-1] = (out[-1][0], e + 1)
+        else:
+            out.append((e, e + 1))
+    return out
+
+
+class _Ring:
+    """Two device staging buffers (and, for "bounce", two pinned host ones), the copy stream, and the
+    events that say when each buffer was last read: shared by the layers of one device."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.nbytes, self.bounce = device, 0, False
+        self.copy = torch.cuda.Stream(device)
+        self.dev: list[torch.Tensor] = []
+        self.host: list[torch.Tensor] = []
+        self.read = [None, None]  # event: the compute that read dev[b] is done
+        self.sent = [None, None]  # event: the copy out of host[b] is done
+        self.next = 0
+
+    def reserve(self, nbytes: int, bounce: bool) -> None:
+        if nbytes > self.nbytes or (bounce and not self.host):
+            torch.cuda.synchronize(self.device)  # nothing may still read the old buffers
+            self.nbytes = max(nbytes, self.nbytes)
+            self.dev = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self.host = ([torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                         if bounce or self.host else [])
+            self.read, self.sent = [None, None], [None, None]
+
+
+@functools.lru_cache(maxsize=8)
+def _ring(device: torch.device) -> _Ring:
+    return _Ring(device)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """One call's timeline from CUDA events (GPUExpertPrefill(timing=True))."""
+
+    experts: int  # experts streamed
+    nbytes: int  # their GGUF bytes
+    groups: int
+    pinning: str  # "register" or "bounce"
+    copy_ms: float  # the copy engine busy: sum over groups of copy start -> end
+    compute_ms: float  # the compute stream busy on the groups (expansion and products)
+    wall_ms: float  # first copy start -> last compute end
+
+    @property
+    def overlap(self) -> float:
+        """Share of the shorter activity hidden under the longer one (1 = fully overlapped)."""
+        short = min(self.copy_ms, self.compute_ms)
+        return (self.copy_ms + self.compute_ms - self.wall_ms) / short if short > 0 else 1.0
 
 
 class GPUExpertPrefill:
     """Computes an Experts call for many tokens on `device`. tensors: the layer's gate/up/down
-    (GGMLTensor, [experts, rows, row_bytes] blocks); returns [T, hidden] float32 on the device."""
+    (GGMLTensor, [experts, rows, row_bytes] blocks); returns [T, hidden] float32 on the device.
+    pinning: "register" (falls back to "bounce", with a warning, if the driver refuses) or "bounce"."""
 
-    def __init__(self, tensors: dict[str, GGMLTensor], device: str | torch.device):
+    def __init__(self, tensors: dict[str, GGMLTensor], device: str | torch.device, pinning: str = "register",
+                 timing: bool = False):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"GPU expert prefill needs a CUDA device, got {device}")
+        if pinning not in PINNINGS:
+            raise ValueError(f"pinning must be one of {', '.join(PINNINGS)}, got {pinning!r}")
         self.tensors = tensors
         self.sizes = [tensors[p].expert(0).nbytes for p in PARTS]
+        self.per_expert = sum(self.sizes)
+        self.timing = timing
+        self._events: list[tuple] = []
+        self._last: dict | None = None
+        self.pinned: Pinning | None = None
+        self.pin_error: str | None = None
+        if pinning == "register":
+            try:
+                with torch.cuda.device(self.device):
+                    torch.empty(1, device=self.device)  # the device's context, current on this thread
+                    self.pinned = Pinning([tensors[p].data for p in PARTS])
+            except PinningError as e:
+                self.pin_error = str(e)
+                log.warning("experts of %s: %s; staging through pinned host buffers instead",
+                            tensors["gate"].name, e)
+        self.pinning = "register" if self.pinned is not None else "bounce"
 
-    def _stage(self, e: int, host: torch.Tensor) -> None:
-        off = 0
+    def _source(self, part: int, first: int, last: int) -> torch.Tensor:
         with warnings.catch_warnings():  # the mapped file is read-only, and only read here
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            for part, size in zip(PARTS, self.sizes):
-                host[off:off + size].copy_(torch.from_numpy(self.tensors[part].expert(e).reshape(-1)))
-                off += size
+            return torch.from_numpy(self.tensors[PARTS[part]].data[first:last].reshape(-1))
 
-    def _weights(self, raw: torch.Tensor) -> list[torch.Tensor]:
+    def _copy(self, ring: _Ring, b: int, experts: list[int]) -> tuple:
+        """Issue group `experts` into ring buffer b, part by part ([gate... | up... | down...]);
+        returns its timing events (or Nones)."""
+        n = len(experts)
+        pieces = []  # (source view, offset in the buffer)
+        for p, size in enumerate(self.sizes):
+            off = sum(self.sizes[:p]) * n
+            for first, last in runs(experts):
+                pieces.append((self._source(p, first, last), off))
+                off += (last - first) * size
+        stream = ring.copy
+        if ring.read[b] is not None:
+            stream.wait_event(ring.read[b])
+        start = end = None
+        if self.pinning == "bounce":
+            if ring.sent[b] is not None:
+                ring.sent[b].synchronize()  # the pinned buffer's last copy went out
+            host = ring.host[b]
+            for src, off in pieces:
+                host[off:off + src.numel()].copy_(src)  # torch's copy runs on several threads
+            pieces = [(host[off:off + src.numel()], off) for src, off in pieces]
+        with torch.cuda.stream(stream):
+            if self.timing:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+            dst = ring.dev[b]
+            for src, off in pieces:
+                dst[off:off + src.numel()].copy_(src, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=self.timing)
+            done.record(stream)
+            if self.pinning == "bounce":
+                ring.sent[b] = done
+            end = done if self.timing else None
+        return done, start, end
+
+    def _weights(self, raw: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """The group's [n * rows, cols] bf16 gate, up and down from its staged blocks."""
         from hybrid_r1_kernels import ggml_dequant as triton_dequant  # Triton: only when used
 
         out, off = [], 0
         for part, size in zip(PARTS, self.sizes):
             t = self.tensors[part]
-            rows = t.ne[1]
-            blocks = raw[off:off + size].view(rows, -1)
+            blocks = raw[off:off + n * size].view(n * t.ne[1], -1)
             if t.ggml_type in triton_dequant.BLOCKS:  # one fused pass (the torch version: ~10)
                 out.append(triton_dequant.dequantize(blocks, t.ggml_type, t.ne[0]))
             else:
                 out.append(dequantize(blocks, t.ggml_type, t.ne[0]))
-            off += size
-        return out  # gate [I, H], up [I, H], down [H, I], bf16
+            off += n * size
+        return out
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # Grouped on the host: which experts to stream is decided there (the CPU stages their bytes).
+        # Grouped on the host: which experts to stream is decided there.
         order, token, counts = group_by_expert(idx.to("cpu", torch.int64), self.tensors["gate"].ne[2])
         counts = counts.tolist()
         dev = self.device
         x_g = x.to(dev, torch.bfloat16)
+        order_g = order.to(dev)
         tok_g = token.to(dev)
-        w_g = w.reshape(-1).to("cpu", torch.float32)[order].to(dev)
+        w_g = w.reshape(-1).to(dev, torch.float32)[order_g]
         out = torch.zeros(idx.shape[0], x.shape[1], dtype=torch.float32, device=dev)
         used = [e for e, c in enumerate(counts) if c]
-        starts = [0, *itertools.accumulate(counts)]
-        host, slot, side = _slots(dev, sum(self.sizes))
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        groups = expert_groups(used, self.per_expert)
+        ring = _ring(dev)
+        ring.reserve(max((len(g) for g in groups), default=0) * self.per_expert, self.pinning == "bounce")
         main = torch.cuda.current_stream(dev)
-        copied = [None, None]  # event: the slot's host -> device copy is done
-        consumed = [None, None]  # event: the compute that read the device slot is done
-
-        def issue(i: int) -> None:
-            s = i % 2
-            if copied[s] is not None:
-                copied[s].synchronize()  # the pinned slot is free again
-            self._stage(used[i], host[s])
-            with torch.cuda.stream(side):
-                if consumed[s] is not None:
-                    side.wait_event(consumed[s])
-                slot[s].copy_(host[s], non_blocking=True)
-                copied[s] = torch.cuda.Event()
-                copied[s].record(side)
-
-        if used:
-            issue(0)
-        for i, e in enumerate(used):
-            s = i % 2
-            main.wait_event(copied[s])
-            gate, up, down = self._weights(slot[s])
-            consumed[s] = torch.cuda.Event()
-            consumed[s].record(main)  # dequantized copies made: the slot may be refilled
-            sl = slice(starts[e], starts[e + 1])
-            tok = tok_g[sl]
-            xe = x_g[tok]
-            h = F.silu(xe @ gate.T) * (xe @ up.T)
-            out.index_add_(0, tok, (h @ down.T).float() * w_g[sl, None])
-            if i + 1 < len(used):
-                issue(i + 1)  # stage the next expert on the host while the GPU works on this one
+        inter, hidden = self.tensors["gate"].ne[1], self.tensors["down"].ne[1]
+        events = []
+        for experts in groups:
+            b = ring.next
+            ring.next ^= 1
+            copied, c0, c1 = self._copy(ring, b, experts)
+            main.wait_event(copied)
+            k0 = k1 = None
+            if self.timing:
+                k0 = torch.cuda.Event(enable_timing=True)
+                k0.record(main)
+            gate, up, down = self._weights(ring.dev[b], len(experts))
+            for j, e in enumerate(experts):
+                sl = slice(starts[e], starts[e + 1])
+                tok = tok_g[sl]
+                xe = x_g[tok]
+                rows = slice(j * inter, (j + 1) * inter)
+                h = F.silu(xe @ gate[rows].T) * (xe @ up[rows].T)
+                out.index_add_(0, tok, (h @ down[j * hidden:(j + 1) * hidden].T).float() * w_g[sl, None])
+            # After the products, not the expansion: F16/BF16/F32 weights are views of the buffer.
+            read = torch.cuda.Event(enable_timing=self.timing)
+            read.record(main)
+            ring.read[b] = read
+            if self.timing:
+                k1 = read
+            events.append((c0, c1, k0, k1))
+        self._last = {"experts": len(used), "nbytes": len(used) * self.per_expert, "events": events}
         return out
+
+    def last_stats(self) -> StreamStats | None:
+        """The last call's timeline (waits for it); None without timing or before a call."""
+        if not self.timing or self._last is None or not self._last["events"]:
+            return None
+        torch.cuda.synchronize(self.device)
+        ev = self._last["events"]
+        copy = sum(c0.elapsed_time(c1) for c0, c1, _, _ in ev)
+        compute = sum(k0.elapsed_time(k1) for _, _, k0, k1 in ev)
+        wall = ev[0][0].elapsed_time(ev[-1][3])
+        return StreamStats(self._last["experts"], self._last["nbytes"], len(ev), self.pinning, copy, compute, wall)
