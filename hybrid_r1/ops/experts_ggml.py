@@ -23,7 +23,7 @@ from ..formats.source import WeightSource
 from ..threads import check_threads
 from . import prefill_cost
 from .base import OpArgs, OpArgsError, Operator, Shard
-from .experts_gpu_prefill import GPUExpertPrefill, supported
+from .experts_gpu_prefill import PINNINGS, GPUExpertPrefill, supported
 from .experts_reference import check_call, expert_tensors, ggml_expert_bytes, layer_of
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class GGMLArgs(OpArgs):
                 ok = False
             if not ok:
                 raise OpArgsError("prefill_device", f"must be a CUDA device, got {self.prefill_device!r}")
+        if self.prefill_pinning not in PINNINGS:
+            raise OpArgsError("prefill_pinning", f"must be one of {', '.join(PINNINGS)}, got {self.prefill_pinning!r}")
         if self.prefill_profile is not None:
             try:
                 prefill_cost.load_profile(self.prefill_profile)
@@ -128,7 +130,8 @@ class GGMLExperts(Operator):
         self.tensors, self.weights = tensors, weights
         if self.prefill_device is not None:
             if supported(tensors):
-                self.prefill = GPUExpertPrefill(tensors, self.prefill_device, self.prefill_pinning)
+                self.prefill = GPUExpertPrefill(tensors, self.prefill_device, self.prefill_pinning,
+                                                layer=layer_of(prefix))
             else:
                 log.warning("%s: no GPU expander for %s; prefill stays on the CPU", prefix,
                             "/".join(ggml_lib.type_name(t.ggml_type) for t in tensors.values()))

@@ -16,7 +16,10 @@ few hundred tokens up). The source is pinned one of two ways (`pinning`):
   copy), then the engine moves that: three DRAM passes per byte, below the PCIe rate on hosts whose
   DRAM is not ~3x faster; the fallback where the driver refuses to lock the pages.
 The staging buffers and the copy stream are shared by every layer on the device (one layer runs at a
-time); events order each buffer's refill after the compute that read it.
+time); events order each buffer's refill after the compute that read it. Across layers: a call that
+streamed every expert (a long chunk: 2K tokens use all 256 with certainty) ends by copying the next
+layer's first two groups, so the copy engine works on while attention and the router of the next
+layer run; that layer's call uses them if its first groups are the same experts, else drops them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +51,10 @@ def supported(tensors: dict[str, GGMLTensor]) -> bool:
     return all(tensors[p].ggml_type in SUPPORTED for p in PARTS)
 
 
-def expert_groups(used: list[int], per_expert: int, budget: int = GROUP_BYTES) -> list[list[int]]:
-    """Consecutive runs of `used` (sorted expert ids) of at most `budget` bytes, one expert at least."""
-    n = max(1, budget // per_expert)
+def expert_groups(used: list[int], per_expert: int, budget: int | None = None) -> list[list[int]]:
+    """Consecutive slices of `used` (sorted expert ids) of at most `budget` (GROUP_BYTES) bytes, one
+    expert at least."""
+    n = max(1, (GROUP_BYTES if budget is None else budget) // per_expert)
     return [used[i:i + n] for i in range(0, len(used), n)]
 
 
@@ -76,6 +81,8 @@ class _Ring:
         self.read = [None, None]  # event: the compute that read dev[b] is done
         self.sent = [None, None]  # event: the copy out of host[b] is done
         self.next = 0
+        self.ahead: list[tuple] = []  # groups copied for the next layer: (owner, experts, b, copy events)
+        self.layers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # layer -> its prefill
 
     def reserve(self, nbytes: int, bounce: bool) -> None:
         if nbytes > self.nbytes or (bounce and not self.host):
@@ -84,7 +91,7 @@ class _Ring:
             self.dev = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
             self.host = ([torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
                          if bounce or self.host else [])
-            self.read, self.sent = [None, None], [None, None]
+            self.read, self.sent, self.ahead = [None, None], [None, None], []
 
 
 @functools.lru_cache(maxsize=8)
@@ -102,7 +109,8 @@ class StreamStats:
     pinning: str  # "register" or "bounce"
     copy_ms: float  # the copy engine busy: sum over groups of copy start -> end
     compute_ms: float  # the compute stream busy on the groups (expansion and products)
-    wall_ms: float  # first copy start -> last compute end
+    wall_ms: float  # the call's start (or its first copy's, if later) -> last compute end
+    ahead: int = 0  # groups the previous layer copied ahead for this call
 
     @property
     def overlap(self) -> float:
@@ -117,7 +125,7 @@ class GPUExpertPrefill:
     pinning: "register" (falls back to "bounce", with a warning, if the driver refuses) or "bounce"."""
 
     def __init__(self, tensors: dict[str, GGMLTensor], device: str | torch.device, pinning: str = "register",
-                 timing: bool = False):
+                 timing: bool = False, layer: int | None = None, prefetch: bool = True):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"GPU expert prefill needs a CUDA device, got {device}")
@@ -126,8 +134,7 @@ class GPUExpertPrefill:
         self.tensors = tensors
         self.sizes = [tensors[p].expert(0).nbytes for p in PARTS]
         self.per_expert = sum(self.sizes)
-        self.timing = timing
-        self._events: list[tuple] = []
+        self.timing, self.layer, self.prefetch = timing, layer, prefetch
         self._last: dict | None = None
         self.pinned: Pinning | None = None
         self.pin_error: str | None = None
@@ -141,6 +148,8 @@ class GPUExpertPrefill:
                 log.warning("experts of %s: %s; staging through pinned host buffers instead",
                             tensors["gate"].name, e)
         self.pinning = "register" if self.pinned is not None else "bounce"
+        if layer is not None:
+            _ring(self.device).layers[layer] = self
 
     def _source(self, part: int, first: int, last: int) -> torch.Tensor:
         with warnings.catch_warnings():  # the mapped file is read-only, and only read here
@@ -213,14 +222,23 @@ class GPUExpertPrefill:
             starts.append(starts[-1] + c)
         groups = expert_groups(used, self.per_expert)
         ring = _ring(dev)
-        ring.reserve(max((len(g) for g in groups), default=0) * self.per_expert, self.pinning == "bounce")
+        ahead, ring.ahead = ring.ahead, []
+        if ring.nbytes < self.group_bytes or self.pinning == "bounce":
+            ahead = []
+            ring.reserve(self.group_bytes, self.pinning == "bounce")
         main = torch.cuda.current_stream(dev)
         inter, hidden = self.tensors["gate"].ne[1], self.tensors["down"].ne[1]
-        events = []
-        for experts in groups:
-            b = ring.next
-            ring.next ^= 1
-            copied, c0, c1 = self._copy(ring, b, experts)
+        begin = torch.cuda.Event(enable_timing=self.timing)
+        begin.record(main)
+        events, n_ahead = [], 0
+        for g, experts in enumerate(groups):
+            if g < len(ahead) and ahead[g][0] is self and ahead[g][1] == experts:
+                _, _, b, (copied, c0, c1) = ahead[g]  # copied during the previous layer
+                n_ahead += 1
+            else:
+                b = ring.next
+                ring.next ^= 1
+                copied, c0, c1 = self._copy(ring, b, experts)
             main.wait_event(copied)
             k0 = k1 = None
             if self.timing:
@@ -241,16 +259,41 @@ class GPUExpertPrefill:
             if self.timing:
                 k1 = read
             events.append((c0, c1, k0, k1))
-        self._last = {"experts": len(used), "nbytes": len(used) * self.per_expert, "events": events}
+        self._last = {"experts": len(used), "nbytes": len(used) * self.per_expert, "events": events,
+                      "begin": begin, "ahead": n_ahead}
+        if self.prefetch and len(used) == self.n_experts and self.layer is not None:
+            self._copy_ahead(ring)
         return out
+
+    @property
+    def n_experts(self) -> int:
+        return self.tensors["gate"].ne[2]
+
+    @property
+    def group_bytes(self) -> int:
+        return len(expert_groups(list(range(self.n_experts)), self.per_expert)[0]) * self.per_expert
+
+    def _copy_ahead(self, ring: _Ring) -> None:
+        """Copy the next layer's first two groups (all its experts assumed used) into the ring."""
+        nxt = ring.layers.get(self.layer + 1)
+        if nxt is None or nxt.pinning != "register" or nxt.group_bytes > ring.nbytes:
+            return
+        for experts in expert_groups(list(range(nxt.n_experts)), nxt.per_expert)[:2]:
+            b = ring.next
+            ring.next ^= 1
+            ring.ahead.append((nxt, experts, b, nxt._copy(ring, b, experts)))
 
     def last_stats(self) -> StreamStats | None:
         """The last call's timeline (waits for it); None without timing or before a call."""
         if not self.timing or self._last is None or not self._last["events"]:
             return None
         torch.cuda.synchronize(self.device)
-        ev = self._last["events"]
+        ev, begin = self._last["events"], self._last["begin"]
+        if any(e is None for group in ev for e in group):  # groups copied ahead by an op without timing
+            return None
         copy = sum(c0.elapsed_time(c1) for c0, c1, _, _ in ev)
         compute = sum(k0.elapsed_time(k1) for _, _, k0, k1 in ev)
-        wall = ev[0][0].elapsed_time(ev[-1][3])
-        return StreamStats(self._last["experts"], self._last["nbytes"], len(ev), self.pinning, copy, compute, wall)
+        first = ev[0][0] if begin.elapsed_time(ev[0][0]) > 0 else begin  # a group copied ahead started earlier
+        wall = first.elapsed_time(ev[-1][3])
+        return StreamStats(self._last["experts"], self._last["nbytes"], len(ev), self.pinning, copy, compute, wall,
+                           self._last["ahead"])

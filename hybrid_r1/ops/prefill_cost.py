@@ -64,8 +64,8 @@ def load_profile(path: str | Path) -> PrefillProfile:
         raise ProfileError(f"cannot read the prefill profile {path}: {e}") from None
     known = {f.name for f in fields(PrefillProfile)}
     if not isinstance(raw, dict) or set(raw) - known:
-        raise ProfileError(f"{path}: expected a JSON object with fields {', '.join(sorted(known))}; "
-                           f"unknown: {', '.join(sorted(set(raw) - known)) if isinstance(raw, dict) else raw!r}")
+        bad = ", ".join(sorted(set(raw) - known)) if isinstance(raw, dict) else repr(raw)
+        raise ProfileError(f"{path}: expected a JSON object with fields {', '.join(sorted(known))}; unknown: {bad}")
     if "cpu_ms" in raw:
         try:
             raw["cpu_ms"] = {str(k): tuple((int(t), float(ms)) for t, ms in v) for k, v in raw["cpu_ms"].items()}
