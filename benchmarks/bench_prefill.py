@@ -63,7 +63,7 @@ def run(ops, tokens: int, reps: int, seed: int, device) -> tuple[float, float, l
     times, nbytes, stats = [], [], []
     for i in range(reps):
         op = ops[i % len(ops)]
-        x, idx, w = routing(tokens, gen)
+        x, idx, w = (t.to(device) for t in routing(tokens, gen))  # on the GPU, as the model hands them
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         op(x, idx, w)
@@ -123,7 +123,8 @@ def part1(args, src, device, h2d):
         rows.append((T, ms_g, s, bound, nbytes, ms_b, ms_c))
         print(T, f"{ms_g:.0f} ms GPU, bound {bound:.0f}", s, ms_b, ms_c, flush=True)
     for op in gpu:
-        op.prefill.pinned and op.prefill.pinned.close()  # before part 2 locks the same pages again
+        if op.prefill.pinned is not None:
+            op.prefill.pinned.close()  # before part 2 locks the same pages again
     del gpu, bounce, cpu
     gc.collect()
     # The profile measured here: the stream's share of the bound at 2K+ tokens, the CPU table.
@@ -167,8 +168,19 @@ def part2(args, src, device, profile_path):
                     times.append(time.perf_counter() - t1)
             ms = statistics.median(times) * 1e3
             path = "GPU" if experts.use_gpu(chunk, cfg.num_experts_per_tok) else "CPU"
-            out.append((T, chunk, path, ms))
+            out.append((T, chunk, path, ms, ""))
             print("model", T, chunk, path, f"{ms:.0f} ms", flush=True)
+        moe = [b.mlp.experts for b in module.model.layers if cfg.is_moe_layer(b.self_attn.layer)]
+        for T in [t for t in args.model_tokens if t >= 2048][-1:]:  # the longest again, nothing copied ahead
+            for e in moe:
+                e.prefill.prefetch = False
+            prompt = torch.randint(0, cfg.vocab_size, (T,)).tolist()
+            torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            prefill(module, prompt, rt.new_cache())
+            torch.cuda.synchronize(device)
+            out.append((T, chunk_size(cfg, T, free_bytes(device)), "GPU", (time.perf_counter() - t1) * 1e3,
+                        ", next layer not copied ahead"))
     return out, build_s, experts.prefill.pinning if experts.prefill else "none"
 
 
@@ -243,12 +255,12 @@ def main(argv=None) -> int:
             "| tokens | chunk | experts on | ms (measured) | ms / MoE layer | full model s (extrapolated) "
             "| tok/s full model | streaming bound tok/s |",
             "|---|---|---|---|---|---|---|---|"]
-        for T, chunk, path, ms in model_rows:
+        for T, chunk, path, ms, note in model_rows:
             full_s = ms * FULL_MOE / args.layers / 1e3
             passes = -(-T // chunk)
             used = prefill_cost.used_experts(chunk, E, K) * per_expert
             bound_s = passes * FULL_MOE * used / h2d / 1e9
-            lines.append(f"| {T} | {chunk} | {path} | {ms:.0f} | {ms / args.layers:.0f} | {full_s:.1f} | "
+            lines.append(f"| {T}{note} | {chunk} | {path} | {ms:.0f} | {ms / args.layers:.0f} | {full_s:.1f} | "
                          f"{T / full_s:.0f} | {T / bound_s:.0f} |")
     lines.append("")
     text = "\n".join(lines)

@@ -7,7 +7,9 @@ a wrong expert or a lost token gives O(1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import mmap
 
 import numpy as np
 import pytest
@@ -90,8 +92,17 @@ def test_groups_runs_and_page_spans():
                                                              -(-(base + 5 * 4096) // 4096) * 4096)]
 
 
+def _own_pages(t):
+    """The tensor's bytes in a mapping of their own, as a GGUF's are: heap arrays may share a page with
+    another layer's, and two locks may not overlap (the op would fall back to "bounce")."""
+    m = mmap.mmap(-1, t.data.nbytes)
+    a = np.frombuffer(m, np.uint8).reshape(t.data.shape)
+    a[...] = t.data
+    return dataclasses.replace(t, data=a)
+
+
 def _layer(seed: int, layer: int, **kw):
-    tensors = expert_tensors((QT.Q4_K, QT.Q4_K, QT.Q6_K), seed=seed)
+    tensors = {p: _own_pages(t) for p, t in expert_tensors((QT.Q4_K, QT.Q4_K, QT.Q6_K), seed=seed).items()}
     src = FakeSource(tensors, layer)
     op = GGMLExperts(E, H, I, threads=2, prefill_device="cuda", prefill_min_tokens=1, **kw)
     op.load_weights(src, f"model.layers.{layer}.mlp.experts")
