@@ -92,6 +92,38 @@ def test_groups_runs_and_page_spans():
                                                              -(-(base + 5 * 4096) // 4096) * 4096)]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_group_products_match_a_loop(fused):
+    """group_products (one gather and scatter for the group, SwiGLU per expert) against a plain loop
+    over the assignments, fp32 on the CPU: only summation order differs (~1e-6)."""
+    gen = torch.Generator().manual_seed(8)
+    n_exp, hid, inter, T, k = 6, 32, 16, 30, 2
+    x = torch.randn(T, hid, generator=gen)
+    idx = torch.stack([torch.randperm(n_exp, generator=gen)[:k] for _ in range(T)])
+    idx[idx == 2] = 3  # expert 2 unused: an empty range inside the group (a repeated 3 counts twice in both)
+    idx[0] = torch.tensor([0, 1])
+    w = torch.rand(T, k, generator=gen)
+    gate, up = torch.randn(n_exp, inter, hid, generator=gen), torch.randn(n_exp, inter, hid, generator=gen)
+    down = torch.randn(n_exp, hid, inter, generator=gen)
+    from hybrid_r1.model import group_by_expert
+
+    order, token, counts = group_by_expert(idx, n_exp)
+    starts = [0, *torch.cumsum(counts, 0).tolist()]
+    group = [0, 1, 3, 4]  # used experts only, as expert_groups gives them
+    weights = ((torch.cat([gate[group], up[group]], 1).reshape(-1, hid), down[group].reshape(-1, inter)) if fused
+               else (gate[group].reshape(-1, hid), up[group].reshape(-1, hid), down[group].reshape(-1, inter)))
+    out = torch.full((T, hid), 0.0)
+    egp.group_products(out, x, token, w.reshape(-1)[order], starts, group, weights)
+    ref = torch.zeros(T, hid)
+    for t in range(T):
+        for s in range(k):
+            e = int(idx[t, s])
+            if e in group:
+                h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+                ref[t] += w[t, s] * (down[e] @ h)
+    assert rel(out, ref) < 1e-5 and out.abs().sum() > 0
+
+
 def _own_pages(t):
     """The tensor's bytes in a mapping of their own, as a GGUF's are: heap arrays may share a page with
     another layer's, and two locks may not overlap (the op would fall back to "bounce")."""
@@ -145,7 +177,9 @@ def test_stream_in_groups_across_layers(pinning, monkeypatch):
         st = op.prefill.last_stats()
         assert st.groups == 3 and st.experts == (E if every else E - 1) and st.pinning == pinning
         assert st.ahead == ahead
-        assert st.copy_ms > 0 and st.compute_ms > 0 and st.wall_ms > 0 and -0.05 <= st.overlap <= 1.05
+        # the wall holds each activity (event timestamps: ~1 us); idle gaps make the overlap negative
+        assert st.copy_ms > 0 and st.compute_ms > 0 and st.wall_ms >= max(st.copy_ms, st.compute_ms) - 0.01
+        assert st.overlap <= 1 + 1e-3 and st.copy_wait_compute_ms >= 0 and st.copy_wait_host_ms >= 0
 
 
 @needs_cuda

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -67,6 +68,32 @@ def runs(experts: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((e, e + 1))
     return out
+
+
+def group_products(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, starts: list[int],
+                   experts: list[int], weights: tuple[torch.Tensor, ...]) -> None:
+    """out[t] += w * down(silu(gate x_t) * up x_t) for the assignments of `experts` (consecutive in
+    the expert-sorted order: starts[e]..starts[e + 1]), weights as _weights gives them. One gather
+    and one scatter-add for the group; per expert, two products (three unfused) and the SwiGLU."""
+    lo, hi = starts[experts[0]], starts[experts[-1] + 1]
+    if hi == lo:
+        return
+    tok = token[lo:hi]
+    xg = x[tok]  # [m, H]
+    hidden = weights[-1].shape[0] // len(experts)
+    inter = weights[-1].shape[1]
+    y = torch.empty(hi - lo, hidden, dtype=x.dtype, device=x.device)
+    for j, e in enumerate(experts):
+        a, z = starts[e] - lo, starts[e + 1] - lo
+        xe = xg[a:z]
+        if len(weights) == 2:
+            gu = xe @ weights[0][2 * j * inter:2 * (j + 1) * inter].T
+            h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        else:
+            rows = slice(j * inter, (j + 1) * inter)
+            h = F.silu(xe @ weights[0][rows].T) * (xe @ weights[1][rows].T)
+        torch.mm(h, weights[-1][j * hidden:(j + 1) * hidden].T, out=y[a:z])
+    out.index_add_(0, tok, y.float() * w[lo:hi, None])
 
 
 class _Ring:
@@ -111,6 +138,9 @@ class StreamStats:
     compute_ms: float  # the compute stream busy on the groups (expansion and products)
     wall_ms: float  # the call's start (or its first copy's, if later) -> last compute end
     ahead: int = 0  # groups the previous layer copied ahead for this call
+    host_ms: float = 0.0  # the host's time issuing the call (all of it asynchronous but the routing)
+    copy_wait_compute_ms: float = 0.0  # the copy engine waiting for a buffer's compute to finish
+    copy_wait_host_ms: float = 0.0  # ... for the host to issue the next copy (bounce: to stage it)
 
     @property
     def overlap(self) -> float:
@@ -133,6 +163,8 @@ class GPUExpertPrefill:
             raise ValueError(f"pinning must be one of {', '.join(PINNINGS)}, got {pinning!r}")
         self.tensors = tensors
         self.sizes = [tensors[p].expert(0).nbytes for p in PARTS]
+        g, u = tensors["gate"], tensors["up"]
+        self.fused = g.ggml_type == u.ggml_type and g.ne == u.ne  # Q4_K_M: both Q4_K
         self.per_expert = sum(self.sizes)
         self.timing, self.layer, self.prefetch = timing, layer, prefetch
         self._last: dict | None = None
@@ -156,20 +188,32 @@ class GPUExpertPrefill:
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             return torch.from_numpy(self.tensors[PARTS[part]].data[first:last].reshape(-1))
 
-    def _copy(self, ring: _Ring, b: int, experts: list[int]) -> tuple:
-        """Issue group `experts` into ring buffer b, part by part ([gate... | up... | down...]);
-        returns its timing events (or Nones)."""
-        n = len(experts)
-        pieces = []  # (source view, offset in the buffer)
-        for p, size in enumerate(self.sizes):
-            off = sum(self.sizes[:p]) * n
+    def _pieces(self, experts: list[int]) -> list[tuple[int, int, int, int]]:
+        """(part, first expert, last + 1, offset in the buffer) of each copy of a group. Layout:
+        [gate_0 up_0 gate_1 up_1 ... | down...] when gate and up share a type (one expansion and one
+        product give both), else [gate... | up... | down...]; consecutive experts of a part in one copy."""
+        out, off, g = [], 0, self.sizes[0]
+        if self.fused:
+            for j, e in enumerate(experts):
+                out += [(0, e, e + 1, 2 * j * g), (1, e, e + 1, 2 * j * g + g)]
+            off = 2 * len(experts) * g
+        for p in (2,) if self.fused else (0, 1, 2):
             for first, last in runs(experts):
-                pieces.append((self._source(p, first, last), off))
-                off += (last - first) * size
+                out.append((p, first, last, off))
+                off += (last - first) * self.sizes[p]
+        return out
+
+    def _copy(self, ring: _Ring, b: int, experts: list[int]) -> tuple:
+        """Issue group `experts` into ring buffer b (layout: _pieces); returns (done event, timing
+        start and end events or Nones)."""
+        pieces = [(self._source(p, first, last), off) for p, first, last, off in self._pieces(experts)]
         stream = ring.copy
+        queued = start = end = None
+        if self.timing:  # reached once the copy stream is done with what came before
+            queued = torch.cuda.Event(enable_timing=True)
+            queued.record(stream)
         if ring.read[b] is not None:
             stream.wait_event(ring.read[b])
-        start = end = None
         if self.pinning == "bounce":
             if ring.sent[b] is not None:
                 ring.sent[b].synchronize()  # the pinned buffer's last copy went out
@@ -189,24 +233,29 @@ class GPUExpertPrefill:
             if self.pinning == "bounce":
                 ring.sent[b] = done
             end = done if self.timing else None
-        return done, start, end
+        return done, (queued, start, end)
 
-    def _weights(self, raw: torch.Tensor, n: int) -> list[torch.Tensor]:
-        """The group's [n * rows, cols] bf16 gate, up and down from its staged blocks."""
+    def _weights(self, raw: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """The group's bf16 weights from its staged blocks: (gate_up [n * 2I, H], down [n * H, I])
+        when fused, else (gate [n * I, H], up [n * I, H], down [n * H, I])."""
         from hybrid_r1_kernels import ggml_dequant as triton_dequant  # Triton: only when used
 
-        out, off = [], 0
-        for part, size in zip(PARTS, self.sizes):
+        def expand(part: str, rows: int, off: int, nbytes: int) -> torch.Tensor:
             t = self.tensors[part]
-            blocks = raw[off:off + n * size].view(n * t.ne[1], -1)
+            blocks = raw[off:off + nbytes].view(rows, -1)
             if t.ggml_type in triton_dequant.BLOCKS:  # one fused pass (the torch version: ~10)
-                out.append(triton_dequant.dequantize(blocks, t.ggml_type, t.ne[0]))
-            else:
-                out.append(dequantize(blocks, t.ggml_type, t.ne[0]))
-            off += n * size
-        return out
+                return triton_dequant.dequantize(blocks, t.ggml_type, t.ne[0])
+            return dequantize(blocks, t.ggml_type, t.ne[0])
+
+        inter, hidden = self.tensors["gate"].ne[1], self.tensors["down"].ne[1]
+        g, u, d = self.sizes
+        if self.fused:
+            return expand("gate", 2 * n * inter, 0, 2 * n * g), expand("down", n * hidden, 2 * n * g, n * d)
+        return (expand("gate", n * inter, 0, n * g), expand("up", n * inter, n * g, n * u),
+                expand("down", n * hidden, n * (g + u), n * d))
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         # Grouped on the host: which experts to stream is decided there.
         order, token, counts = group_by_expert(idx.to("cpu", torch.int64), self.tensors["gate"].ne[2])
         counts = counts.tolist()
@@ -227,40 +276,32 @@ class GPUExpertPrefill:
             ahead = []
             ring.reserve(self.group_bytes, self.pinning == "bounce")
         main = torch.cuda.current_stream(dev)
-        inter, hidden = self.tensors["gate"].ne[1], self.tensors["down"].ne[1]
         begin = torch.cuda.Event(enable_timing=self.timing)
         begin.record(main)
         events, n_ahead = [], 0
         for g, experts in enumerate(groups):
             if g < len(ahead) and ahead[g][0] is self and ahead[g][1] == experts:
-                _, _, b, (copied, c0, c1) = ahead[g]  # copied during the previous layer
+                _, _, b, (copied, cev) = ahead[g]  # copied during the previous layer
                 n_ahead += 1
             else:
                 b = ring.next
                 ring.next ^= 1
-                copied, c0, c1 = self._copy(ring, b, experts)
+                copied, cev = self._copy(ring, b, experts)
             main.wait_event(copied)
             k0 = k1 = None
             if self.timing:
                 k0 = torch.cuda.Event(enable_timing=True)
                 k0.record(main)
-            gate, up, down = self._weights(ring.dev[b], len(experts))
-            for j, e in enumerate(experts):
-                sl = slice(starts[e], starts[e + 1])
-                tok = tok_g[sl]
-                xe = x_g[tok]
-                rows = slice(j * inter, (j + 1) * inter)
-                h = F.silu(xe @ gate[rows].T) * (xe @ up[rows].T)
-                out.index_add_(0, tok, (h @ down[j * hidden:(j + 1) * hidden].T).float() * w_g[sl, None])
+            group_products(out, x_g, tok_g, w_g, starts, experts, self._weights(ring.dev[b], len(experts)))
             # After the products, not the expansion: F16/BF16/F32 weights are views of the buffer.
             read = torch.cuda.Event(enable_timing=self.timing)
             read.record(main)
             ring.read[b] = read
             if self.timing:
                 k1 = read
-            events.append((c0, c1, k0, k1))
+            events.append((*cev, k0, k1))
         self._last = {"experts": len(used), "nbytes": len(used) * self.per_expert, "events": events,
-                      "begin": begin, "ahead": n_ahead}
+                      "begin": begin, "ahead": n_ahead, "host_ms": (time.perf_counter() - t0) * 1e3}
         if self.prefetch and len(used) == self.n_experts and self.layer is not None:
             self._copy_ahead(ring)
         return out
@@ -291,9 +332,13 @@ class GPUExpertPrefill:
         ev, begin = self._last["events"], self._last["begin"]
         if any(e is None for group in ev for e in group):  # groups copied ahead by an op without timing
             return None
-        copy = sum(c0.elapsed_time(c1) for c0, c1, _, _ in ev)
-        compute = sum(k0.elapsed_time(k1) for _, _, k0, k1 in ev)
-        first = ev[0][0] if begin.elapsed_time(ev[0][0]) > 0 else begin  # a group copied ahead started earlier
-        wall = first.elapsed_time(ev[-1][3])
+        copy = sum(c0.elapsed_time(c1) for _, c0, c1, _, _ in ev)
+        compute = sum(k0.elapsed_time(k1) for _, _, _, k0, k1 in ev)
+        first = ev[0][1] if begin.elapsed_time(ev[0][1]) > 0 else begin  # a group copied ahead started earlier
+        wall = first.elapsed_time(ev[-1][4])
+        # Where the copy engine waited: on a buffer's compute (queued -> start), or for the host to
+        # issue the next copy (the previous copy's end -> queued, when positive).
+        on_compute = sum(q.elapsed_time(c0) for q, c0, _, _, _ in ev)
+        on_host = sum(max(0.0, a[2].elapsed_time(b[0])) for a, b in zip(ev, ev[1:]))
         return StreamStats(self._last["experts"], self._last["nbytes"], len(ev), self.pinning, copy, compute, wall,
-                           self._last["ahead"])
+                           self._last["ahead"], self._last["host_ms"], on_compute, on_host)
