@@ -29,8 +29,8 @@ CUDA = torch.cuda.is_available()
 
 @needs_cuda
 @pytest.mark.parametrize("types", [(QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q5_K, QT.Q5_K, QT.Q8_0),
-                                   (QT.Q2_K, QT.Q2_K, QT.Q3_K), (QT.BF16,) * 3],
-                         ids=["Q4_K_M", "Q5_K+Q8_0", "Q2_K+Q3_K", "BF16"])
+                                   (QT.Q2_K, QT.Q2_K, QT.Q3_K), (QT.BF16,) * 3, (QT.Q4_K, QT.Q5_K, QT.Q6_K)],
+                         ids=["Q4_K_M", "Q5_K+Q8_0", "Q2_K+Q3_K", "BF16", "gate!=up"])
 def test_gpu_prefill_matches_reference(types):
     op, ref = load_pair(expert_tensors(types, seed=7), prefill_device="cuda", prefill_min_tokens=16)
     assert op.prefill is not None

@@ -209,11 +209,6 @@ class GPUExpertPrefill:
         pieces = [(self._source(p, first, last), off) for p, first, last, off in self._pieces(experts)]
         stream = ring.copy
         queued = start = end = None
-        if self.timing:  # reached once the copy stream is done with what came before
-            queued = torch.cuda.Event(enable_timing=True)
-            queued.record(stream)
-        if ring.read[b] is not None:
-            stream.wait_event(ring.read[b])
         if self.pinning == "bounce":
             if ring.sent[b] is not None:
                 ring.sent[b].synchronize()  # the pinned buffer's last copy went out
@@ -221,6 +216,11 @@ class GPUExpertPrefill:
             for src, off in pieces:
                 host[off:off + src.numel()].copy_(src)  # torch's copy runs on several threads
             pieces = [(host[off:off + src.numel()], off) for src, off in pieces]
+        if self.timing:  # reached once the copy stream is done with what came before
+            queued = torch.cuda.Event(enable_timing=True)
+            queued.record(stream)
+        if ring.read[b] is not None:
+            stream.wait_event(ring.read[b])
         with torch.cuda.stream(stream):
             if self.timing:
                 start = torch.cuda.Event(enable_timing=True)
