@@ -211,7 +211,6 @@ def main(argv=None) -> int:
     rows, profile, info = part1(args, src, device, h2d)
     if args.profile:
         Path(args.profile).write_text(json.dumps(asdict(profile), indent=1) + "\n")
-    model_rows, build_s, model_pinning = part2(args, src, device, args.profile) if args.model_tokens else ([], 0, "")
     per_expert = info["per_expert"]
 
     def choice(T):
@@ -254,6 +253,8 @@ def main(argv=None) -> int:
             f"{s.overlap:.0%} | {s.copy_wait_compute_ms:.0f} / {s.copy_wait_host_ms:.0f} | {s.host_ms:.0f} | "
             f"{'' if ms_b is None else f'{ms_b:.0f}'} | "
             f"{'' if ms_c is None else f'{ms_c:.0f}'} | {ch} | {took / best - 1:+.0%} |")
+    Path(args.out).write_text("\n".join(lines + [""]))  # part 1 kept if part 2 fails
+    model_rows, build_s, model_pinning = part2(args, src, device, args.profile) if args.model_tokens else ([], 0, "")
     if model_rows:
         lines += [
             "", f"## Model: 1 dense + {args.layers} MoE layers, rules/int8-gpu-ggml-experts.yaml "
