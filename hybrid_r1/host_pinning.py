@@ -51,14 +51,17 @@ def page_spans(arrays: list[np.ndarray], page: int = mmap.PAGESIZE) -> list[tupl
     return [(s, e) for s, e in merged]
 
 
-def _unregister(lib: ctypes.CDLL, starts: list[int]) -> None:
+def _unregister(lib: ctypes.CDLL, starts: list[int], arrays: list[np.ndarray]) -> None:
+    # `arrays` rides along so the memory stays mapped until it is unlocked: unmapped first, the
+    # driver would keep a lock on addresses that a later allocation reuses (its copies then fail).
     for s in starts:
         lib.cuMemHostUnregister(ctypes.c_void_p(s))
 
 
 class Pinning:
     """The locked spans of some arrays; unlocked by close(), or when this object is collected (it
-    must outlive every copy that reads them: the owner keeps it beside the arrays)."""
+    must outlive every copy that reads them: the owner keeps it beside the arrays). The arrays are
+    held until they are unlocked."""
 
     def __init__(self, arrays: list[np.ndarray]):
         """Lock the pages of `arrays` (call with the device's CUDA context current, i.e. after torch
@@ -70,10 +73,10 @@ class Pinning:
         for s, e in self.spans:
             err = lib.cuMemHostRegister_v2(ctypes.c_void_p(s), e - s, _FLAGS)
             if err != 0:
-                _unregister(lib, done)
+                _unregister(lib, done, arrays)
                 raise PinningError(f"cuMemHostRegister of {(e - s) / 2**20:.0f} MiB failed with CUresult {err}")
             done.append(s)
-        self._close = weakref.finalize(self, _unregister, lib, done)
+        self._close = weakref.finalize(self, _unregister, lib, done, list(arrays))
 
     def close(self) -> None:
         self._close()
