@@ -21,8 +21,8 @@ from pathlib import Path
 from ..errors import HybridR1Error
 
 # Measured on the lent H200 machine's host (16-core Xeon, ggml 16 threads), one 671B-width layer of
-# 256 experts Q4_K/Q6_K (benchmarks/results/experts_prefill_h200.md): tokens -> ms per layer.
-_GGML_H200_HOST = ((64, 109.0), (128, 176.0), (256, 303.0), (512, 476.0), (2048, 1826.0), (4096, 3708.0))
+# 256 experts Q4_K/Q6_K, inputs from the GPU (benchmarks/results/prefill_h200.md): tokens -> ms.
+_GGML_H200_HOST = ((128, 216.0), (512, 642.0), (1024, 1147.0), (2048, 2231.0))
 
 
 class ProfileError(HybridR1Error):
@@ -35,9 +35,9 @@ class PrefillProfile:
     H200 machine (benchmarks/results/prefill_h200.md); `bench_prefill.py --profile FILE` writes
     this machine's as JSON, read back by `load_profile`."""
 
-    h2d_gbs: float = 55.5  # pinned host -> GPU copy bandwidth
-    stream_share: float = 0.85  # share of that bound a streamed layer reaches
-    gpu_fixed_ms: float = 3.0  # per call: host grouping, launches, the first group's exposed copy
+    h2d_gbs: float = 55.4  # pinned host -> GPU copy bandwidth
+    stream_share: float = 0.84  # share of that bound a streamed layer reaches (median at 2K+ tokens)
+    gpu_fixed_ms: float = 0.0  # per call: host grouping, launches (fits to ~0 at 671B width: the share holds it)
     gpu_us_per_token: float = 2.5  # products and expansion per token (hidden under the copy mostly)
     layer_bytes: int = 7_310_000_000  # the layer the CPU table was measured on
     cpu_ms: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=lambda: {"ggml": _GGML_H200_HOST})
