@@ -106,4 +106,7 @@ def test_hybrid_rules_with_gpu_expert_prefill(tmp_path):
         if rule.get("op") == "experts.ggml_cpu":
             rule["args"] = {**rule.get("args", {}), "prefill_min_tokens": 1}
     model = _hybrid_vs_fp32(tmp_path, rules)
-    assert model.module.model.layers[1].mlp.experts.prefill_min_tokens == 1
+    experts = model.module.model.layers[1].mlp.experts
+    assert experts.prefill_min_tokens == 1
+    # the GGUF's read-only file mapping is page-locked in place (host_pinning.py), not bounced
+    assert experts.prefill.pinning == "register", experts.prefill.pin_error
