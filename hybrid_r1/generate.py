@@ -14,6 +14,7 @@ from . import checks
 from .cache import KVCache
 from .graphs import DecodeGraphs
 from .model import DeepseekV3
+from .prefill_chunk import chunk_size, free_bytes
 
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits (negative ones wrap: refused here)
@@ -133,10 +134,13 @@ def forward_tokens(module: DeepseekV3, tokens: list[int], cache: KVCache, mode: 
     return out
 
 
-def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int = 2048) -> torch.Tensor:
-    """Run the prompt in chunks of `chunk` tokens; logits of its last token [vocab]."""
+def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+    """Run the prompt in chunks of `chunk` tokens (None: as many as fit, prefill_chunk.py);
+    logits of its last token [vocab]."""
     if not tokens:
         raise ValueError("prefill needs at least one token")
+    if chunk is None:
+        chunk = chunk_size(module.config, len(tokens), free_bytes(module.input_device), cache.length)
     if chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
     for i in range(0, len(tokens), chunk):
@@ -165,7 +169,7 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_ids: tuple[int, ...] | list[int] = (),
     on_token: Callable[[int], None] | None = None,
-    prefill_chunk: int = 2048,
+    prefill_chunk: int | None = None,
     graphs: DecodeGraphs | None = None,
 ) -> Generation:
     """Continue `prompt`; tokens already in `cache` (a previous turn) are reused, not recomputed.
@@ -173,9 +177,9 @@ def generate(
     A KeyboardInterrupt from `on_token` (Ctrl-C) ends generation cleanly: the result holds the
     tokens so far, stop_reason is "interrupted", and the cache covers exactly the tokens fed.
     graphs: the CUDA-graph decoder bound to `cache` (graphs.py; the Runtime keeps one per cache),
-    or None to decode eagerly."""
+    or None to decode eagerly. prefill_chunk: tokens per prefill pass, None: as many as memory allows."""
     max_new_tokens = check_max_new_tokens(max_new_tokens)
-    prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, 1)
+    chunk = None if prefill_chunk is None else checks.integer("prefill_chunk", prefill_chunk, 1)
     stats = Stats(prompt_tokens=len(prompt))
     out = Generation(stats=stats)
     generator = None
@@ -188,7 +192,7 @@ def generate(
     t0 = t1 = time.perf_counter()
     stats.stop_reason = "length"
     try:
-        logits = prefill(module, prompt[reused:], cache, prefill_chunk)
+        logits = prefill(module, prompt[reused:], cache, chunk)
         _sync(module)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0

@@ -12,12 +12,20 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .cache import KVCache, Step
 from .config import ModelConfig, yarn_mscale
 
 # Query rows per block in the absorbed attention, so [H, rows, S] fp32 scores stay small.
 _ABSORB_SCORE_BYTES = 1 << 28
+# The same bound for the naive attention's query blocks, were SDPA to pick its math backend (the
+# flash and memory-efficient ones never hold the scores): long chunks (8K-32K tokens) fit.
+_NAIVE_SCORE_BYTES = 4 << 30
+# From this many new tokens "auto" expands the cached latents too (naive) rather than attending in
+# the latent space: the absorbed path costs rank / (nope + v) = 2x the products per query-key pair
+# and holds fp32 scores, the expansion costs (nope + v) / 2 = 128 queries' worth per cached token.
+NAIVE_MIN_TOKENS = 128
 
 
 class RMSNorm(nn.Module):
@@ -137,22 +145,35 @@ class MLA(nn.Module):
         c_kv, k_pe = cache.write(self.layer, step, c_kv, k_pe)  # [B, S, .]
         allowed = attention_mask(step, x.device)  # [B, T, S]
         if step.mode == "naive":
-            o = self._naive(q_nope, q_pe, c_kv, k_pe, allowed)
+            fresh = step.slots is None
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, allowed, step.start if fresh else None,
+                            fresh and bool(step.key_valid.all()))
         else:
             o = self._absorbed(q_nope, q_pe, c_kv, k_pe, allowed)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
-        """Expand the latents into per-head keys and values: cheap for a long fresh prompt."""
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, allowed, start, causal: bool = False) -> torch.Tensor:
+        """Expand the latents into per-head keys and values: cheap for a long prompt. Queries go in
+        blocks (see _NAIVE_SCORE_BYTES); with the new tokens' first slot `start` known, a block sees
+        only the keys up to its last query (the mask hides later ones): half a causal prompt's work.
+        causal (no padding key): the mask is exactly causal, aligned to the last key, and is passed as
+        such (causal_lower_right), which lets SDPA's fused kernels skip it instead of reading it."""
         b, s, _ = c_kv.shape
+        t = q_nope.shape[1]
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], -1)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], -1)
-        q = torch.cat([q_nope, q_pe], -1)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None], scale=self.scale
-        )
-        return o.transpose(1, 2)  # [B, T, H, v_dim]
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], -1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B, H, S, v_dim]
+        q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)  # [B, H, T, qk]
+        rows = max(1, _NAIVE_SCORE_BYTES // (4 * b * self.n_heads * s))
+        out = []
+        for r0 in range(0, t, rows):
+            r1 = min(t, r0 + rows)
+            end = s if start is None else min(s, start + r1)
+            mask = causal_lower_right(r1 - r0, end) if causal and start is not None else allowed[:, None, r0:r1, :end]
+            out.append(F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :end], v[:, :, :end], attn_mask=mask,
+                                                      scale=self.scale))
+        return torch.cat(out, 2).transpose(1, 2)  # [B, T, H, v_dim]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, allowed) -> torch.Tensor:
         """Attend in the latent space: W_UK folded into the query, W_UV applied after (decode)."""
@@ -347,11 +368,12 @@ class DeepseekV3(nn.Module):
 
         valid [B, T] marks real tokens (False = padding). mode: "naive" expands keys and values
         per head, "absorb" attends in the latent space; "auto" takes naive for a fresh multi-token
-        prompt and absorbed when attending to a cache."""
+        prompt or a chunk of NAIVE_MIN_TOKENS+ tokens, absorbed otherwise (decode, short chunks)."""
         if valid is None:
             valid = torch.ones(tokens.shape, dtype=torch.bool)
         if mode == "auto":
-            mode = "naive" if cache.length == 0 and tokens.shape[1] > 1 else "absorb"
+            t = tokens.shape[1]
+            mode = "naive" if t > 1 and (cache.length == 0 or t >= NAIVE_MIN_TOKENS) else "absorb"
         if mode not in ("naive", "absorb"):
             raise ValueError(f"attention mode must be auto, naive or absorb, got {mode!r}")
         return self.body(tokens, cache.begin(valid, mode), cache, last_only)

@@ -104,12 +104,13 @@ class Runtime:
         stop: list[int] | None = None,
         on_token: Callable[[int], None] | None = None,
         cache: KVCache | None = None,
-        prefill_chunk: int = 2048,
+        prefill_chunk: int | None = None,
         cuda_graphs: bool = True,
     ) -> Generation:
         """New token ids after `token_ids` (a list with `.stats`). stop defaults to the model's EOS
         and the tokenizer's stop tokens; pass a cache to reuse it across calls (multi-turn chat).
-        cuda_graphs: on a GPU, decode steps replay CUDA graphs (hybrid_r1/graphs.py)."""
+        cuda_graphs: on a GPU, decode steps replay CUDA graphs (hybrid_r1/graphs.py). prefill_chunk:
+        tokens per prefill pass; None takes as many as the memory allows (hybrid_r1/prefill_chunk.py)."""
         ids = self.check_ids(token_ids, max_new_tokens=check_max_new_tokens(max_new_tokens))
         sampling = Sampling(temperature, top_p, top_k, seed)
         if stop is None:

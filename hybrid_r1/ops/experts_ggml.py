@@ -22,8 +22,9 @@ from ..errors import CheckpointError, InputError
 from ..formats.ggml_tensor import GGMLTensor
 from ..formats.source import WeightSource
 from ..threads import check_threads
+from . import prefill_cost
 from .base import OpArgs, OpArgsError, Operator, Shard
-from .experts_gpu_prefill import GPUExpertPrefill, supported
+from .experts_gpu_prefill import PINNINGS, GPUExpertPrefill, supported
 from .experts_reference import check_call, expert_tensors, ggml_expert_bytes, layer_of
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class GGMLArgs(OpArgs):
     chunk_tokens: int = 1024  # prefill runs in chunks of at most this many tokens
     poll: int = 0  # how long idle ggml workers spin before sleeping (0..100)
     prefill_device: str | None = None  # a CUDA device: long calls stream the experts there
-    prefill_min_tokens: int = 256  # from how many tokens a call runs on prefill_device
+    prefill_min_tokens: int | None = None  # calls of this many tokens run there; None: the cost model decides
+    prefill_profile: str | None = None  # the cost model's machine profile (JSON); None: prefill_cost's defaults
+    prefill_pinning: Literal["register", "bounce"] = "register"  # how the stream reads host memory
     overlap: bool = False  # decode calls from a GPU hand over inside the stream (experts_ggml_overlap.py)
     overlap_timeout_s: float = 60.0  # how long the stream waits for the CPU before it gives up (NaN, error)
     gpu_experts: int = 0  # this many of the layer's experts also on the GPU as INT8 (experts_resident.py)
@@ -56,7 +59,7 @@ class GGMLArgs(OpArgs):
             raise OpArgsError("chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
         if not 0 <= self.poll <= 100:
             raise OpArgsError("poll", f"must be in 0..100, got {self.poll}")
-        if self.prefill_min_tokens < 1:
+        if self.prefill_min_tokens is not None and self.prefill_min_tokens < 1:
             raise OpArgsError("prefill_min_tokens", f"must be >= 1, got {self.prefill_min_tokens}")
         if not self.overlap_timeout_s > 0:
             raise OpArgsError("overlap_timeout_s", f"must be > 0, got {self.overlap_timeout_s}")
@@ -83,18 +86,25 @@ class GGMLArgs(OpArgs):
             cpu_engines.check_installed(self.engine)
         except cpu_engines.EngineError as e:
             raise OpArgsError("engine", str(e).removeprefix("engine ")) from None
+        if self.prefill_pinning not in PINNINGS:
+            raise OpArgsError("prefill_pinning", f"must be one of {', '.join(PINNINGS)}, got {self.prefill_pinning!r}")
+        if self.prefill_profile is not None:
+            try:
+                prefill_cost.load_profile(self.prefill_profile)
+            except prefill_cost.ProfileError as e:
+                raise OpArgsError("prefill_profile", str(e)) from None
 
 
 class GGMLExperts(Operator):
     """Same call as the model's Experts: (x [T, hidden], idx [T, k], w [T, k]) -> [T, hidden], on x's
     device and dtype. Arguments: GGMLArgs. Activation memory is about 320 KB per token at 671B
     width (hence `chunk_tokens`); `poll` 0 frees the cores between layers (ggml_lib.Executor);
-    with `prefill_device`, calls of at least `prefill_min_tokens` tokens stream the used experts to
-    that GPU and run there (experts_gpu_prefill.py); types it cannot expand stay on the CPU, with a
-    warning. `engine` picks the library that computes (cpu_engines.py: auto = the fastest installed
-    one that runs the layer's types), `pin` pins ggml's threads one per physical core, `hugepages`
-    copies the experts into anonymous huge pages at load. Runs on the host: a decode graph breaks
-    around it."""
+    with `prefill_device`, calls the cost model (prefill_cost.py, or a fixed `prefill_min_tokens`)
+    finds faster there stream the used experts to that GPU and run there (experts_gpu_prefill.py);
+    types it cannot expand stay on the CPU, with a warning. `engine` picks the library that computes
+    (cpu_engines.py: auto = the fastest installed one that runs the layer's types), `pin` pins ggml's
+    threads one per physical core, `hugepages` copies the experts into anonymous huge pages at load.
+    Runs on the host: a decode graph breaks around it."""
 
     name = "experts.ggml_cpu"
     replaces = "Experts"
@@ -117,6 +127,9 @@ class GGMLExperts(Operator):
         self.engine_class: type[cpu_engines.CPUEngine] | None = None  # chosen at load, for these types
         self.engine_why = ""
         self._engine_key, self._engine = None, None  # the engine instance, made on first call
+        self.prefill_pinning = a.prefill_pinning
+        self.profile = (prefill_cost.load_profile(a.prefill_profile) if a.prefill_profile
+                        else prefill_cost.PrefillProfile())
         self.prefill: GPUExpertPrefill | None = None
         self._pinned_key, self._pinned_bufs = None, ()  # host staging of decode calls from a GPU
         self.tensors: dict[str, GGMLTensor] | None = None  # keeps the mapped bytes alive
@@ -169,7 +182,8 @@ class GGMLExperts(Operator):
         self._engine_key, self._engine = None, None
         if self.prefill_device is not None:
             if supported(tensors):
-                self.prefill = GPUExpertPrefill(tensors, self.prefill_device)
+                self.prefill = GPUExpertPrefill(tensors, self.prefill_device, self.prefill_pinning,
+                                                layer=layer_of(prefix))
             else:
                 log.warning("%s: no GPU expander for %s; prefill stays on the CPU", prefix,
                             "/".join(ggml_lib.type_name(t.ggml_type) for t in tensors.values()))
@@ -178,7 +192,7 @@ class GGMLExperts(Operator):
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
         n = x.shape[0]
-        on_gpu = self.prefill is not None and n >= self.prefill_min_tokens
+        on_gpu = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
         if x.is_cuda and n <= self.chunk_tokens and not on_gpu:
             return self._from_gpu(x, topk_idx, topk_w)
         idx = topk_idx.cpu()
@@ -195,6 +209,15 @@ class GGMLExperts(Operator):
             with ex.lock:
                 out[s:e] = self._run(ex, x[s:e], idx[s:e], topk_w[s:e])
         return out.to(x.device, x.dtype)
+
+    def use_gpu(self, tokens: int, top_k: int) -> bool:
+        """Whether a call of `tokens` tokens streams to prefill_device: the fixed threshold if one is
+        set, else the cost model (prefill_cost.py) against this op's CPU engine."""
+        if self.prefill_min_tokens is not None:
+            return tokens >= self.prefill_min_tokens
+        # the CPU side's cost: this op's engine where the profile has its table, else ggml's
+        engine = self.engine_class.name if self.engine_class and self.engine_class.name in self.profile.cpu_ms else "ggml"
+        return prefill_cost.use_gpu(self.profile, engine, tokens, self.n_experts, top_k, self.prefill.per_expert)
 
     def _from_gpu(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
                   gpu_work=None) -> torch.Tensor:
@@ -246,4 +269,6 @@ class GGMLExperts(Operator):
                 f"threads={self.threads}, poll={self.poll}, {types}, "
                 f"engine={self.engine_class.name if self.engine_class else self.engine}"
                 + (", pinned" if self.pin else "") + (", huge pages" if self.hugepages else "")
-                + (f", prefill on {self.prefill_device} from {self.prefill_min_tokens} tokens" if self.prefill else ""))
+                + (f", prefill on {self.prefill_device} "
+                   + (f"from {self.prefill_min_tokens} tokens" if self.prefill_min_tokens else "by cost")
+                   if self.prefill else ""))

@@ -81,8 +81,8 @@ class ResidentGGMLExperts(GGMLExperts):
                 str(self.gpu_device): gpu.planned_bytes(source, prefix, config)}
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, beside=None) -> torch.Tensor:
-        if not (x.is_cuda and x.shape[0] <= self.chunk_tokens and self.resident is not None) \
-                or (self.prefill is not None and x.shape[0] >= self.prefill_min_tokens):
+        streamed = self.prefill is not None and self.use_gpu(x.shape[0], topk_idx.shape[1])
+        if not (x.is_cuda and x.shape[0] <= self.chunk_tokens and self.resident is not None) or streamed:
             y = super().forward(x, topk_idx, topk_w)
             return y if beside is None else y + beside()
         cpu_idx, cpu_w, gpu_idx, gpu_w = split_slots(topk_idx, topk_w, self._slot_of, self._cold)

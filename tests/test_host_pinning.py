@@ -1,0 +1,64 @@
+"""host_pinning.Pinning against a stand-in for libcuda (no GPU needed): which ranges it locks, that a
+refusal unlocks what was locked, and that the memory stays mapped until it is unlocked."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import weakref
+
+import numpy as np
+import pytest
+
+from hybrid_r1 import host_pinning
+
+
+class FakeCuda:
+    def __init__(self, refuse_at: int | None = None):
+        self.locked: dict[int, int] = {}
+        self.calls: list[tuple] = []
+        self.refuse_at, self.alive_at_unlock = refuse_at, []
+        self.watch: weakref.ref | None = None
+        self.cuMemHostRegister_v2 = self._register
+        self.cuMemHostUnregister = self._unregister
+
+    def _register(self, ptr, size, flags):
+        self.calls.append(("register", ptr.value, size, flags))
+        if self.refuse_at is not None and len(self.locked) == self.refuse_at:
+            return 1  # CUDA_ERROR_INVALID_VALUE
+        self.locked[ptr.value] = size
+        return 0
+
+    def _unregister(self, ptr):
+        self.calls.append(("unregister", ptr.value))
+        self.alive_at_unlock.append(self.watch is not None and self.watch() is not None)
+        del self.locked[ptr.value]
+        return 0
+
+
+def test_locks_page_spans_and_unlocks_before_the_memory_goes(monkeypatch):
+    fake = FakeCuda()
+    monkeypatch.setattr(host_pinning, "_libcuda", lambda: fake)
+    m = mmap.mmap(-1, 8 * mmap.PAGESIZE)
+    buf = np.frombuffer(m, np.uint8)
+    parts = [buf[10:mmap.PAGESIZE + 5], buf[mmap.PAGESIZE + 5:2 * mmap.PAGESIZE], buf[5 * mmap.PAGESIZE:]]
+    base = buf.ctypes.data
+    pin = host_pinning.Pinning(parts)
+    # the first two share a page: one lock of pages 0-1; the third: pages 5-7; read-only + portable
+    assert fake.locked == {base: 2 * mmap.PAGESIZE, base + 5 * mmap.PAGESIZE: 3 * mmap.PAGESIZE}
+    assert {c[3] for c in fake.calls} == {0x09} and pin.nbytes == 5 * mmap.PAGESIZE
+    fake.watch = weakref.ref(parts[2].base)  # the mapping's owner array
+    del parts, buf
+    del pin
+    gc.collect()
+    assert fake.locked == {} and fake.alive_at_unlock == [True, True]  # unlocked while still mapped
+
+
+def test_refusal_unlocks_what_was_locked(monkeypatch):
+    fake = FakeCuda(refuse_at=1)
+    monkeypatch.setattr(host_pinning, "_libcuda", lambda: fake)
+    m = mmap.mmap(-1, 8 * mmap.PAGESIZE)
+    buf = np.frombuffer(m, np.uint8)
+    with pytest.raises(host_pinning.PinningError, match="CUresult 1"):
+        host_pinning.Pinning([buf[:100], buf[4 * mmap.PAGESIZE:]])
+    assert fake.locked == {} and [c[0] for c in fake.calls] == ["register", "register", "unregister"]
