@@ -10,6 +10,8 @@ ggml computes, so the GPU side of the step can run meanwhile.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +95,12 @@ class GGMLArgs(OpArgs):
                 prefill_cost.load_profile(self.prefill_profile)
             except prefill_cost.ProfileError as e:
                 raise OpArgsError("prefill_profile", str(e)) from None
+
+
+@functools.cache
+def _host_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread that runs CPU expert calls while the caller launches GPU work (made on first use)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid_r1-experts")
 
 
 class GGMLExperts(Operator):
@@ -224,20 +232,29 @@ class GGMLExperts(Operator):
         """A decode step from the GPU: the three inputs come over in one wait (pinned buffers,
         asynchronous copies, one stream sync instead of one per tensor), and the result goes back
         asynchronously; the next call's sync orders it before the pinned output is written again.
-        gpu_work: GPU kernels launched right after the sync, so they run while ggml computes; their
-        fp32 result is added to ggml's."""
+        gpu_work: GPU work (e.g. resident experts, the shared expert) whose fp32 result is added to
+        the CPU's: the engine then computes on a helper thread (the GIL is released meanwhile) while
+        this thread launches that work, so neither waits for the other's launch overhead."""
         hx, hi, hw, hy = self._pinned(x, topk_idx, topk_w)
         hx.copy_(x, non_blocking=True)
         hi.copy_(topk_idx, non_blocking=True)
         hw.copy_(topk_w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
         check_call(hx, hi, hw, self.n_experts, self.hidden_size)
-        beside = gpu_work() if gpu_work is not None else None
         ex = self._executor()
-        with ex.lock:
-            hy.copy_(self._run(ex, hx, hi, hw))
-        if beside is None:
+        if gpu_work is None:
+            with ex.lock:
+                hy.copy_(self._run(ex, hx, hi, hw))
             return hy.to(x.device, non_blocking=True)
+        mode = torch.is_inference_mode_enabled()  # the helper thread writes the caller's tensors
+
+        def on_host() -> None:
+            with torch.inference_mode(mode), ex.lock:
+                hy.copy_(self._run(ex, hx, hi, hw))
+
+        done = _host_thread().submit(on_host)
+        beside = gpu_work()
+        done.result()
         return (hy.to(x.device, non_blocking=True).float() + beside).to(x.dtype)
 
     def _pinned(self, x, idx, w) -> tuple[torch.Tensor, ...]:
