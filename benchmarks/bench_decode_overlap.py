@@ -76,7 +76,8 @@ def serial_twin(op: OverlappedGGMLExperts) -> GGMLExperts:
     """experts.ggml_cpu without overlap on the same loaded bytes."""
     s = GGMLExperts(op.n_experts, op.hidden_size, op.intermediate_size, threads=op.threads, poll=op.poll,
                     prefill_min_tokens=op.prefill_min_tokens)
-    s.tensors, s.weights, s.prefill, s.prefill_device = op.tensors, op.weights, op.prefill, op.prefill_device
+    s.prefill_device = op.prefill_device
+    s.share_loaded(op)
     return s
 
 

@@ -45,7 +45,7 @@ def resident_twin(op, n: int, device) -> ResidentGGMLExperts:
     """op's loaded GGML bytes, with its first n experts also on the GPU (random INT8 weights)."""
     r = ResidentGGMLExperts(op.n_experts, op.hidden_size, op.intermediate_size, threads=op.threads, poll=op.poll,
                             gpu_experts=n)
-    r.tensors, r.weights = op.tensors, op.weights
+    r.share_loaded(op)
     gpu = Int8GPUExperts(n, op.hidden_size, op.intermediate_size, device, "block", expert_ids=tuple(range(n)))
     w13, s13, w2, s2 = make_experts(n, "block", device)
     gpu.w13, gpu.w13_s, gpu.w2, gpu.w2_s = w13 // 8, s13, w2 // 8, s2  # small values: finite outputs

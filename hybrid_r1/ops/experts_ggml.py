@@ -218,6 +218,13 @@ class GGMLExperts(Operator):
                 out[s:e] = self._run(ex, x[s:e], idx[s:e], topk_w[s:e])
         return out.to(x.device, x.dtype)
 
+    def share_loaded(self, other: "GGMLExperts") -> None:
+        """Take `other`'s loaded experts (the same mapped bytes, engine and prefill stream) instead of
+        loading: benchmarks compare two kinds of this operator on one copy of a layer."""
+        self.tensors, self.weights, self.prefill = other.tensors, other.weights, other.prefill
+        self.engine_class, self.engine_why = other.engine_class, other.engine_why
+        self._engine_key, self._engine = None, None
+
     def use_gpu(self, tokens: int, top_k: int) -> bool:
         """Whether a call of `tokens` tokens streams to prefill_device: the fixed threshold if one is
         set, else the cost model (prefill_cost.py) against this op's CPU engine."""

@@ -43,7 +43,7 @@ class OverlappedGGMLExperts(GGMLExperts):
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
         n = x.shape[0]
-        on_gpu = self.prefill is not None and n >= self.prefill_min_tokens
+        on_gpu = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
         if self.hands_over(x) and 1 <= n <= MAX_TOKENS and not on_gpu:
             worker, slot = self._handoff(topk_idx.shape[1], x.dtype, x.device)
             return handoff.overlapped(worker, slot, x, topk_idx, topk_w, beside, self.overlap_timeout_s)
