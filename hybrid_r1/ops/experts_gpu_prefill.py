@@ -278,27 +278,15 @@ class GPUExpertPrefill:
         main = torch.cuda.current_stream(dev)
         begin = torch.cuda.Event(enable_timing=self.timing)
         begin.record(main)
-        events, issued = [], []
-        # All the groups copied ahead, or none: after a partial match the next fresh buffer could be
-        # one a matched group still reads (its read event comes after the next copy is queued).
-        hit = len(ahead) <= len(groups) and all(a[0] is self and a[1] == g for a, g in zip(ahead, groups))
-        n_ahead = len(ahead) if hit else 0
-
-        def issue(g: int) -> None:
-            if g < n_ahead:
-                issued.append(ahead[g][2:])  # copied during the previous layer
+        events, n_ahead = [], 0
+        for g, experts in enumerate(groups):
+            if g < len(ahead) and ahead[g][0] is self and ahead[g][1] == experts:
+                _, _, b, (copied, cev) = ahead[g]  # copied during the previous layer
+                n_ahead += 1
             else:
-                experts = groups[g]
                 b = ring.next
                 ring.next ^= 1
-                issued.append((b, self._copy(ring, b, experts)))
-
-        if groups:
-            issue(0)
-        for g, experts in enumerate(groups):
-            if g + 1 < len(groups):
-                issue(g + 1)  # queued before this group's products: the copy engine never waits on the host
-            b, (copied, cev) = issued[g]
+                copied, cev = self._copy(ring, b, experts)
             main.wait_event(copied)
             k0 = k1 = None
             if self.timing:
