@@ -14,8 +14,8 @@ only ones of hybrid_r1 that talk to a terminal.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
 
 from .chat_console import Console, isatty
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hybrid_r1.chat") 
     settings = _check_args(ap, args)
     if follower_process():  # tensor parallelism: rank 0 reads the input and talks; this rank follows
         try:
-            open_model(args, Console(open(os.devnull, "w"), open(os.devnull, "w")))  # follows, then exits
+            open_model(args, Console(io.StringIO(), io.StringIO()))  # follows, then exits
         except (HybridR1Error, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -103,7 +103,7 @@ def _plan(args) -> int:
     gib = 2**30
     print(f"\nmemory: weights as they will be stored, plus the MLA cache for {args.context} tokens")
     for dev in mem.devices:
-        free = args.gpu_memory * 10**9 if args.gpu_memory and dev.startswith("cuda") else available(dev)
+        free = args.gpu_memory * 10**9 if args.gpu_memory is not None and dev.startswith("cuda") else available(dev)
         verdict = {None: "free memory unknown here", True: "fits", False: "does NOT fit"}[fits(mem, dev, free)]
         have = f"; {free / gib:.1f} GiB free" if free is not None else ""
         print(f"  {dev:<7} {mem.total(dev) / gib:8.2f} GiB = weights {mem.weights.get(dev, 0) / gib:.2f} + cache "
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "plan" and args.tp < 1:
         subs["plan"].error(f"--tp must be >= 1, got {args.tp}")
+    if args.command == "plan" and args.gpu_memory is not None and not args.gpu_memory > 0:
+        subs["plan"].error(f"--gpu-memory must be a positive number of GB, got {args.gpu_memory}")
     if args.command == "generate":
         if bool(args.model) == bool(args.safetensor or args.gguf) or bool(args.safetensor) != bool(args.gguf):
             g.error("give --model PATH, or --safetensor DIR with --gguf PATH")

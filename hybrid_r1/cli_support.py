@@ -4,6 +4,7 @@ the loading progress bar, the thread choice, and the checks of sampling options 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 import time
@@ -99,7 +100,7 @@ def load_model(path, *, info, threads: int | None = None, progress_stream=None, 
     from .parallel import follower_process
 
     if follower_process():  # a tensor-parallel rank other than 0: rank 0 speaks for all
-        info, progress_stream = (lambda *a: None), open(os.devnull, "w")
+        info, progress_stream = (lambda *a: None), io.StringIO()  # not a terminal: no progress bar
     source = open_checkpoint(path, load_kwargs.pop("gguf", None))  # headers only; the weights stay mapped
     config = source.config
     choice = threads_mod.choose(config.hidden_size, threads)

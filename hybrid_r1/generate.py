@@ -124,14 +124,23 @@ def forward_tokens(module: DeepseekV3, tokens: list[int], cache: KVCache, mode: 
     the tokens are recorded in cache.tokens here, once the step has completed (an interrupted step
     is not, so the caller can drop it). Under tensor parallelism rank 0 first tells the other ranks
     (cache.mirror), whose collectives this step then meets."""
-    if cache.mirror is not None:
-        cache.mirror("forward", list(tokens), mode, last_only, graphs is not None)
-    if graphs is not None and len(tokens) == 1:
-        out = graphs.step(tokens[0])[None]
+    if cache.mirror is None:
+        out = _step(module, tokens, cache, mode, last_only, graphs)
     else:
-        out = module(torch.tensor([tokens], dtype=torch.long), cache, mode=mode, last_only=last_only)[0]
+        cache.mirror("forward", list(tokens), mode, last_only, graphs is not None)
+        try:
+            out = _step(module, tokens, cache, mode, last_only, graphs)
+        except BaseException as e:  # the others are inside this step's collectives: none can go on
+            cache.mirror.abandon(e)
+            raise
     cache.tokens.extend(tokens)
     return out
+
+
+def _step(module, tokens, cache, mode, last_only, graphs) -> torch.Tensor:
+    if graphs is not None and len(tokens) == 1:
+        return graphs.step(tokens[0])[None]
+    return module(torch.tensor([tokens], dtype=torch.long), cache, mode=mode, last_only=last_only)[0]
 
 
 def prefill(module: DeepseekV3, tokens: list[int], cache: KVCache, chunk: int | None = None) -> torch.Tensor:

@@ -189,9 +189,9 @@ def shard(model: nn.Module, world: World) -> None:
     for i, block in enumerate(model.model.layers):
         attn: MLA = block.self_attn
         attn.n_heads //= world.size
-        for name in ("q_proj", "q_b_proj", "kv_b_proj"):
-            if getattr(attn, name, None) is not None:
-                _mark(getattr(attn, name), f"model.layers.{i}.self_attn.{name}", world.shard(0))
+        q = "q_proj" if model.config.q_lora_rank is None else "q_b_proj"  # the heads' query rows
+        for name in (q, "kv_b_proj"):
+            _mark(attn.get_submodule(name), f"model.layers.{i}.self_attn.{name}", world.shard(0))
         _mark(attn.o_proj, f"model.layers.{i}.self_attn.o_proj", world.shard(1))
         mlp = block.mlp
         mlps = [(f"model.layers.{i}.mlp", mlp)] if isinstance(mlp, MLP) else []
@@ -280,6 +280,15 @@ class Leader:
         cache.mirror = _Mirror(self, cid)
         weakref.finalize(cache, self._dropped.append, cid)  # told with the next message
 
+    def abandon(self, cause: BaseException) -> None:
+        """A step the followers had begun failed here: they wait in its collectives, so the run
+        cannot go on. Leave the group (their collectives then fail and they exit) and raise."""
+        log.error("rank 0 failed in a step the other ranks had begun: %s: %s", type(cause).__name__, cause)
+        self._closed = True
+        shutdown()
+        raise ParallelError(f"rank 0 failed in a tensor-parallel step ({type(cause).__name__}: {cause}); "
+                            "every rank stops: the run cannot continue") from cause
+
     def close(self) -> None:
         if not self._closed and dist.is_initialized():
             try:
@@ -308,12 +317,13 @@ class _Mirror:
     def __call__(self, *msg) -> None:
         self.leader.send(msg[0], self.cid, *msg[1:])
 
+    def abandon(self, cause: BaseException) -> None:
+        self.leader.abandon(cause)
+
 
 def follow(runtime) -> int:
     """A follower rank's whole life after loading: replay rank 0's steps until it says stop.
-    Returns the exit code (0 when told to stop, 1 when rank 0 vanished)."""
-    from .generate import forward_tokens
-
+    Returns the exit code (0 when told to stop, 1 when rank 0 vanished or a step failed)."""
     world: World = runtime.world
     caches: dict[int, object] = {}
     while True:
@@ -331,17 +341,29 @@ def follow(runtime) -> int:
         if kind == "exit":
             shutdown()
             return 0
-        if kind == "cache":
-            _, cid, batch, max_tokens = msg
-            caches[cid] = runtime.new_cache(batch, max_tokens)
-        elif kind == "truncate":
-            _, cid, length = msg
-            caches[cid].truncate(length)
-        elif kind == "forward":
-            _, cid, tokens, mode, last_only, use_graphs = msg
-            cache = caches[cid]
-            graphs = runtime.decode_graphs(cache, create=True) if use_graphs else None
-            with torch.inference_mode():
-                forward_tokens(runtime.module, tokens, cache, mode=mode, last_only=last_only, graphs=graphs)
-        else:
-            raise ParallelError(f"rank {world.rank}: unknown message from rank 0: {kind!r}")
+        try:
+            _replay(runtime, caches, msg)
+        except Exception as e:  # noqa: BLE001 - rank 0 left mid-step (its collectives failed), or this rank broke
+            log.error("rank %d: a tensor-parallel step failed (%s: %s); exiting", world.rank, type(e).__name__, e)
+            shutdown()
+            return 1
+
+
+def _replay(runtime, caches: dict, msg: tuple) -> None:
+    from .generate import forward_tokens
+
+    kind = msg[0]
+    if kind == "cache":
+        _, cid, batch, max_tokens = msg
+        caches[cid] = runtime.new_cache(batch, max_tokens)
+    elif kind == "truncate":
+        _, cid, length = msg
+        caches[cid].truncate(length)
+    elif kind == "forward":
+        _, cid, tokens, mode, last_only, use_graphs = msg
+        cache = caches[cid]
+        graphs = runtime.decode_graphs(cache, create=True) if use_graphs else None
+        with torch.inference_mode():
+            forward_tokens(runtime.module, tokens, cache, mode=mode, last_only=last_only, graphs=graphs)
+    else:
+        raise ParallelError(f"rank {runtime.world.rank}: unknown message from rank 0: {kind!r}")

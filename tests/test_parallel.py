@@ -156,6 +156,13 @@ def test_a_dead_rank_0_ends_the_others(tp_dir, tmp_path):
     assert "rank 0 stopped" in results[1].stderr
 
 
+def test_a_step_that_fails_on_rank_0_stops_every_rank(tp_dir, tmp_path):
+    results = run_ranks(2, tp_dir, tmp_path / "none.pt", mode="fail-step")
+    assert results[0].returncode != 0 and "ParallelError: rank 0 failed in a tensor-parallel step" in results[0].stderr
+    assert "injected failure" in results[0].stderr
+    assert results[1].returncode == 1 and "a tensor-parallel step failed" in results[1].stderr
+
+
 def test_ranks_that_open_different_checkpoints_are_refused(tp_dir):
     other = Path(f"{tp_dir}-other")
     if not other.exists():

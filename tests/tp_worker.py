@@ -19,6 +19,11 @@ def main(path: str, rules: str, out: str, device: str, dtype: str, mode: str) ->
         return rt.follow()
     if mode == "die":  # rank 0 vanishes without a word: the followers must not hang
         os._exit(3)
+    if mode == "fail-step":  # rank 0 fails inside a step the followers began: all must stop
+        def fail(mod, args):
+            raise RuntimeError("injected failure")
+
+        rt.module.model.layers[1].mlp.register_forward_pre_hook(fail)
     ids = torch.randint(0, rt.config.vocab_size, (24,), generator=torch.Generator().manual_seed(7)).tolist()
     logits = rt.logits(ids)  # teacher-forced: every position
     gen = rt.generate(ids[:6], max_new_tokens=32, temperature=0.0, stop=[])

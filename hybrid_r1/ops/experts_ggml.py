@@ -260,8 +260,10 @@ class GGMLExperts(Operator):
                 hy.copy_(self._run(ex, hx, hi, hw))
 
         done = _host_thread().submit(on_host)
-        beside = gpu_work()
-        done.result()
+        try:
+            beside = gpu_work()
+        finally:  # the helper thread reads and writes the pinned buffers: never leave it running
+            done.result()
         return (hy.to(x.device, non_blocking=True).float() + beside).to(x.dtype)
 
     def _pinned(self, x, idx, w) -> tuple[torch.Tensor, ...]:

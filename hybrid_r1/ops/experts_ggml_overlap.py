@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .. import ggml_lib, handoff
+from .. import handoff
 from .experts_ggml import GGMLExperts
 from .experts_reference import check_call
 
@@ -70,7 +70,7 @@ class OverlappedGGMLExperts(GGMLExperts):
         """On the worker thread: the serial path's compute on the pinned inputs (ids checked: ggml
         would write out of bounds)."""
         check_call(x, idx, w, self.n_experts, self.hidden_size)
-        ex = ggml_lib.executor(self.threads, self.poll)
+        ex = self._executor()  # the serial path's pool and lock (pinned or not)
         with ex.lock:
             out.copy_(self._run(ex, x, idx, w))
 

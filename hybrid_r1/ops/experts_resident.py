@@ -8,8 +8,10 @@ others on the CPU through ggml as before, at the same time (the GPU kernels are 
 one host sync, then ggml computes with the GIL released), and the two sums are added on the GPU. The
 shared expert runs beside them too (`runs_beside`). A slot whose expert is resident reaches ggml with
 weight 0 and the id of one of the token's CPU experts (its bytes are read anyway: no extra DRAM
-traffic), or, when all of a token's experts are resident, the layer's coldest expert. Prompts and CPU
-inputs take experts.ggml_cpu's path over all experts (the GGUF keeps every expert in CPU RAM).
+traffic), or, when all of a token's experts are resident, the layer's coldest expert. Every call from
+the GPU of up to `chunk_tokens` tokens that the prefill stream does not take splits so (decode and
+short prompts); streamed prompts and CPU inputs take experts.ggml_cpu's path over all experts (the
+GGUF keeps every expert in CPU RAM).
 """
 
 from __future__ import annotations
