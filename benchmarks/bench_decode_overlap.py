@@ -72,6 +72,28 @@ class FreshRouting(nn.Module):
         return idx, w
 
 
+def build_model(layers: int, device, expert_args: dict):
+    """(cfg, module, runtime, MoE blocks, build seconds): `layers` layers at 671B width (the first
+    dense) placed by RULES with `expert_args` added to the experts rule, non-expert weights synthetic,
+    each MoE layer's experts tiled from Q4_K/Q6_K blocks in anonymous memory, every gate's ids
+    replaced by fresh random ones each call (FreshRouting)."""
+    cfg = preset_config("full-slice", num_hidden_layers=layers, first_k_dense_replace=1)
+    t0 = time.perf_counter()
+    tiled = TiledSource(cfg.n_routed_experts, layers - 1, Q6_K, 2)
+    module = build(cfg)
+    rules = yaml.safe_load(RULES.read_text())
+    rules[0]["args"].update(expert_args)
+    placements = placement.apply(module, placement.parse_rules(rules, where=str(RULES)), device, torch.bfloat16)
+    load_weights(module, HybridSource(cfg, tiled, 1), device, torch.bfloat16)
+    fuse(module)
+    rt = Runtime(module, None, placements=placements)
+    build_s = time.perf_counter() - t0
+    moes = [b.mlp for b in module.model.layers if cfg.is_moe_layer(b.self_attn.layer)]
+    for moe in moes:
+        moe.gate = FreshRouting(moe.gate, cfg.n_routed_experts, cfg.num_experts_per_tok, device)
+    return cfg, module, rt, moes, build_s
+
+
 def serial_twin(op: OverlappedGGMLExperts) -> GGMLExperts:
     """experts.ggml_cpu without overlap on the same loaded bytes."""
     s = GGMLExperts(op.n_experts, op.hidden_size, op.intermediate_size, threads=op.threads, poll=op.poll,
@@ -178,23 +200,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     hbm = hbm_gbs(device)
 
-    cfg = preset_config("full-slice", num_hidden_layers=args.layers, first_k_dense_replace=1)
+    cfg, module, rt, moes, build_s = build_model(args.layers, device, {"overlap": True, "overlap_timeout_s": 5.0})
     n_moe = args.layers - 1
-    t0 = time.perf_counter()
-    tiled = TiledSource(cfg.n_routed_experts, n_moe, Q6_K, 2)
-    module = build(cfg)
-    rules = yaml.safe_load(RULES.read_text())
-    rules[0]["args"]["overlap"] = True
-    rules[0]["args"]["overlap_timeout_s"] = 5.0
-    placements = placement.apply(module, placement.parse_rules(rules, where=str(RULES)), device, torch.bfloat16)
-    load_weights(module, HybridSource(cfg, tiled, 1), device, torch.bfloat16)
-    fuse(module)
-    rt = Runtime(module, None, placements=placements)
-    build_s = time.perf_counter() - t0
-
-    moes = [b.mlp for b in module.model.layers if cfg.is_moe_layer(b.self_attn.layer)]
-    for moe in moes:
-        moe.gate = FreshRouting(moe.gate, cfg.n_routed_experts, cfg.num_experts_per_tok, device)
     overlapped = [moe.experts for moe in moes]
     assert all(isinstance(e, OverlappedGGMLExperts) for e in overlapped)
     serial = [serial_twin(e) for e in overlapped]

@@ -30,14 +30,15 @@ import tune_int8 as T  # noqa: E402  (timer, copy bandwidth, report writer)
 SCHEMES = ("bf16", "block", "channel")
 
 
-def expert_bytes(scheme: str) -> int:
-    """Bytes of one expert's gate_up + down weights (and scales)."""
-    n = 3 * TM.H * TM.I
+def expert_bytes(scheme: str, inter: int = TM.I) -> int:
+    """Bytes of one expert's gate_up + down weights (and scales); `inter`: its intermediate size
+    (a tensor-parallel rank's part: I / ranks)."""
+    n = 3 * TM.H * inter
     if scheme == "bf16":
         return 2 * n
     if scheme == "block":
-        return n + 4 * 3 * (TM.H // 128) * (TM.I // 128)
-    return n + 4 * (2 * TM.I + TM.H)
+        return n + 4 * 3 * (TM.H // 128) * (inter // 128)
+    return n + 4 * (2 * inter + TM.H)
 
 
 def correctness(dev, m_list, seed=0):

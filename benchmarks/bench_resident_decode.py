@@ -22,23 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode_overlap import PROMPT, FreshRouting, tokenizer  # noqa: E402
-from bench_experts_cpu import Q6_K, TiledSource, cpu_model, dram_read_gbs  # noqa: E402
-from bench_hybrid_decode import FULL_DENSE, FULL_MOE, RULES, HybridSource  # noqa: E402
+from bench_decode_overlap import PROMPT, build_model, tokenizer  # noqa: E402
+from bench_experts_cpu import cpu_model, dram_read_gbs  # noqa: E402
+from bench_hybrid_decode import FULL_DENSE, FULL_MOE  # noqa: E402
 from tune_fused_moe import make_experts  # noqa: E402
 
-from hybrid_r1 import ggml_lib, placement  # noqa: E402
+from hybrid_r1 import ggml_lib  # noqa: E402
 from hybrid_r1.generate import prefill  # noqa: E402
 from hybrid_r1.graphs import DecodeGraphs  # noqa: E402
-from hybrid_r1.loading import build, load_weights  # noqa: E402
 from hybrid_r1.ops.experts_int8 import Int8GPUExperts  # noqa: E402
 from hybrid_r1.ops.experts_resident import ResidentGGMLExperts  # noqa: E402
-from hybrid_r1.placement import fuse  # noqa: E402
-from hybrid_r1.runtime import Runtime  # noqa: E402
-from hybrid_r1.synth import preset_config  # noqa: E402
 
 
 def resident_twin(op, n: int, device) -> ResidentGGMLExperts:
@@ -68,20 +63,8 @@ def main(argv=None) -> int:
     threads = ggml_lib.physical_cores()
     dram = dram_read_gbs(threads)
     torch.set_num_threads(threads)
-    cfg = preset_config("full-slice", num_hidden_layers=args.layers, first_k_dense_replace=1)
+    cfg, module, rt, moes, build_s = build_model(args.layers, device, {})
     n_moe = args.layers - 1
-    t0 = time.perf_counter()
-    tiled = TiledSource(cfg.n_routed_experts, n_moe, Q6_K, 2)
-    module = build(cfg)
-    rules = yaml.safe_load(RULES.read_text())
-    placements = placement.apply(module, placement.parse_rules(rules, where=str(RULES)), device, torch.bfloat16)
-    load_weights(module, HybridSource(cfg, tiled, 1), device, torch.bfloat16)
-    fuse(module)
-    rt = Runtime(module, None, placements=placements)
-    build_s = time.perf_counter() - t0
-    moes = [b.mlp for b in module.model.layers if cfg.is_moe_layer(b.self_attn.layer)]
-    for moe in moes:
-        moe.gate = FreshRouting(moe.gate, cfg.n_routed_experts, cfg.num_experts_per_tok, device)
     plain = [moe.experts for moe in moes]
     t = plain[0].tensors
     expert_bytes = sum(t[p].data.nbytes for p in ("gate", "up", "down")) // cfg.n_routed_experts

@@ -25,12 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tune_fused_moe as TM  # noqa: E402  (shapes, weight and routing makers)
 import tune_int8 as T  # noqa: E402  (timer, copy bandwidth, report writer)
+from bench_fused_moe import expert_bytes  # noqa: E402  (an expert's weight and scale bytes)
 
 SCHEME = "block"
-
-
-def expert_bytes(inter: int) -> int:
-    return 3 * TM.H * inter + 4 * 3 * (TM.H // 128) * (inter // 128)
 
 
 def tp_rank(n: int, m: int, routes, dev) -> tuple[float, float]:
@@ -44,7 +41,7 @@ def tp_rank(n: int, m: int, routes, dev) -> tuple[float, float]:
            for ids, w in routes]
     us = T.time_calls(fns)
     touched = sum(torch.unique(ids).numel() for ids, _ in routes) / len(routes)
-    return us, touched * expert_bytes(inter)
+    return us, touched * expert_bytes(SCHEME, inter)
 
 
 def ep_busiest(n: int, m: int, routes, dev) -> tuple[float, float]:
@@ -67,7 +64,7 @@ def ep_busiest(n: int, m: int, routes, dev) -> tuple[float, float]:
         fns.append(lambda xr=xr, ir=ir, wr=wr: fused_moe(xr, w13, s13, w2, s2, wr, ir, scheme=SCHEME,
                                                          out_dtype=torch.float32))
     us = T.time_calls(fns)
-    return us, touched / len(routes) * expert_bytes(TM.I)
+    return us, touched / len(routes) * expert_bytes(SCHEME)
 
 
 def main(argv=None) -> int:

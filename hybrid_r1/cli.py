@@ -145,8 +145,10 @@ def _calibrate(args) -> int:
 def _resident_room(cfg, spare: int) -> str:
     """How many routed experts the spare GPU memory holds as block INT8 (experts.ggml_cpu's
     gpu_experts), and what share of the model's that is."""
-    h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    per = 3 * h * i + 4 * 3 * -(-h // 128) * -(-i // 128)  # int8 weights and fp32 block scales
+    from .ops.experts_int8 import Int8GPUExperts
+
+    # one expert's int8 weights and fp32 block scales, as the operator that holds them counts them
+    per = Int8GPUExperts(1, cfg.hidden_size, cfg.moe_intermediate_size, "cuda", "block").planned_bytes(None, "", cfg)
     layers = sum(cfg.is_moe_layer(n) for n in range(cfg.num_hidden_layers))
     room = max(0, int(spare)) // per
     each = min(room // max(layers, 1), cfg.n_routed_experts)

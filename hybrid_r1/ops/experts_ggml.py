@@ -32,6 +32,15 @@ from .experts_reference import check_call, expert_tensors, ggml_expert_bytes, la
 log = logging.getLogger(__name__)
 
 
+def _check_cuda_device(arg: str, value: str) -> None:
+    try:
+        ok = torch.device(value).type == "cuda"
+    except (RuntimeError, TypeError):
+        ok = False
+    if not ok:
+        raise OpArgsError(arg, f"must be a CUDA device, got {value!r}")
+
+
 @dataclass(frozen=True)
 class GGMLArgs(OpArgs):
     threads: int | None = None  # ggml threads (default: the physical cores this process may use)
@@ -71,19 +80,9 @@ class GGMLArgs(OpArgs):
             raise OpArgsError("gpu_experts", "does not go with overlap: true yet (choose one)")
         if self.hot_experts is not None and not Path(self.hot_experts).is_file():
             raise OpArgsError("hot_experts", f"{self.hot_experts}: no such file (hybrid-r1 calibrate writes it)")
-        try:
-            gpu_ok = torch.device(self.gpu_device).type == "cuda"
-        except (RuntimeError, TypeError):
-            gpu_ok = False
-        if not gpu_ok:
-            raise OpArgsError("gpu_device", f"must be a CUDA device, got {self.gpu_device!r}")
+        _check_cuda_device("gpu_device", self.gpu_device)
         if self.prefill_device is not None:
-            try:
-                ok = torch.device(self.prefill_device).type == "cuda"
-            except (RuntimeError, TypeError):
-                ok = False
-            if not ok:
-                raise OpArgsError("prefill_device", f"must be a CUDA device, got {self.prefill_device!r}")
+            _check_cuda_device("prefill_device", self.prefill_device)
         try:
             cpu_engines.check_installed(self.engine)
         except cpu_engines.EngineError as e:

@@ -28,7 +28,7 @@ import torch
 from ..formats.source import WeightSource
 from ..quant import scheme_of
 from .base import OpArgs, Operator, Shard
-from .linear_int8 import int8_weight, slice_int8
+from .linear_int8 import int8_weight, quant_dequant_activation, slice_int8
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,6 @@ class Int8GPUExperts(Operator):
     def _cpu_forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fused_moe's function in fp32 torch: x and the intermediate quantized as the kernel
         quantizes them, then matmuls with the dequantized experts (kept after the first call)."""
-        from hybrid_r1_kernels.reference import act_quant_ref
-
         from ..model import group_by_expert
         from ..quant import BLOCK, SCALE_SUFFIX, dequant_int8
 
@@ -138,8 +136,7 @@ class Int8GPUExperts(Operator):
         group = BLOCK if self.scheme == "block" else None
 
         def dequant_act(t: torch.Tensor) -> torch.Tensor:
-            q, s = act_quant_ref(t, group, self.rounding)  # in fp32, as the kernel quantizes
-            return q.to(wide) * s.to(wide).repeat_interleave(group or t.shape[-1], -1)[..., : t.shape[-1]]
+            return quant_dequant_activation(t, group, self.rounding, wide)
 
         xd = dequant_act(x)
         out = torch.zeros(x.shape, dtype=wide)

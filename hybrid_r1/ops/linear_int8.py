@@ -50,6 +50,18 @@ def int8_weight(source: WeightSource, name: str, shape: tuple[int, int], scheme:
     return quantize_weight(source.tensor(name, torch.bfloat16), scheme)
 
 
+def quant_dequant_activation(x: torch.Tensor, group: int | None, rounding: str, dtype: torch.dtype) -> torch.Tensor:
+    """x as the INT8 kernels see it: quantized per token per `group` channels (None: per token), in
+    fp32 as they do, then dequantized in `dtype` (the CPU paths' reference for W8A8)."""
+    from hybrid_r1_kernels.reference import act_quant_ref
+
+    q, s = act_quant_ref(x, group, rounding)
+    g = group or x.shape[-1]
+    if x.shape[-1] % g:  # a partial last group: expand the scales instead of reshaping
+        return q.to(dtype) * s.to(dtype).repeat_interleave(g, -1)[..., : x.shape[-1]]
+    return (q.to(dtype).unflatten(-1, (-1, g)) * s.to(dtype)[..., None]).flatten(-2)
+
+
 def slice_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, shard: Shard, name: str):
     """This rank's rows (dim 0) or columns (dim 1) of an int8 [N, K] weight quantized whole, with
     the scales that go with them: block scales by 128-tiles (the split must fall on tile edges),
@@ -156,21 +168,12 @@ class Int8Linear(LinearOperator):
         kernels do, then one matmul with the dequantized weight (kept after the first call). Each
         int8 tile product is exact in fp32 either way; only the order of the fp32 sums differs. A
         float64 run sums in float64 (the products of int8 and fp32 scales are exact there)."""
-        from hybrid_r1_kernels.reference import act_quant_ref
-
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._cpu_dense is None or self._cpu_dense.dtype != wide:
             from ..quant import dequant_int8
 
             self._cpu_dense = dequant_int8(self.weight, {SCHEMES[self.scheme]: self.weight_scale}).to(wide)
-        group = BLOCK if self.scheme == "block" else None
-        q, s = act_quant_ref(x, group, self.rounding)
-        g = group or x.shape[-1]
-        xq = (q.to(wide).unflatten(-1, (-1, g)) if x.shape[-1] % g == 0 else None)
-        if xq is None:  # a partial last group: expand the scales instead of reshaping
-            xd = q.to(wide) * s.to(wide).repeat_interleave(g, -1)[..., : x.shape[-1]]
-        else:
-            xd = (xq * s.to(wide)[..., None]).flatten(-2)
+        xd = quant_dequant_activation(x, BLOCK if self.scheme == "block" else None, self.rounding, wide)
         y = F.linear(xd, self._cpu_dense)
         return y if self.partial else y.to(x.dtype)
 
