@@ -113,6 +113,7 @@ def part1(args, src, device, h2d):
     bounce = layer_ops(src, args.layers, args.device, "bounce")
     cpu = layer_ops(src, args.layers, None)
     per_expert = gpu[0].prefill.per_expert
+    engine = cpu[0].engine_class.name  # the CPU column's engine (auto: kt-kernel where installed)
     for ops in (gpu, bounce):  # untimed: Triton compiles the expander on the first call
         run(ops, 256, 1, 0, device)
     rows, measured = [], {}
@@ -137,8 +138,9 @@ def part1(args, src, device, h2d):
     cpu_table = tuple((T, m[1]) for T, m in sorted(measured.items()) if m[1] is not None)
     profile = replace(prefill_cost.PrefillProfile(), h2d_gbs=round(h2d, 1), stream_share=round(min(share, 1.0), 3),
                       gpu_fixed_ms=round(max(fixed, 0.0), 1), layer_bytes=per_expert * E,
-                      cpu_ms={"ggml": cpu_table} if len(cpu_table) >= 2 else prefill_cost.PrefillProfile().cpu_ms)
-    return rows, profile, {"register_s": reg_s, "pinning": pinning, "registered_gbs": reg_gbs, "per_expert": per_expert}
+                      cpu_ms={**prefill_cost.PrefillProfile().cpu_ms, **({engine: cpu_table} if len(cpu_table) >= 2 else {})})
+    return rows, profile, {"register_s": reg_s, "pinning": pinning, "registered_gbs": reg_gbs, "per_expert": per_expert,
+                           "engine": engine}
 
 
 def part2(args, src, device, profile_path):
@@ -213,16 +215,18 @@ def main(argv=None) -> int:
         Path(args.profile).write_text(json.dumps(asdict(profile), indent=1) + "\n")
     per_expert = info["per_expert"]
 
+    engine = info["engine"]
+
     def choice(T):
-        return "GPU" if prefill_cost.use_gpu(profile, "ggml", T, E, K, per_expert) else "CPU"
+        return "GPU" if prefill_cost.use_gpu(profile, engine, T, E, K, per_expert) else "CPU"
 
     gpu = torch.cuda.get_device_name(device)
-    cross = prefill_cost.crossover(profile, "ggml", E, K, per_expert)
+    cross = prefill_cost.crossover(profile, engine, E, K, per_expert)
     lines = [
         "# Prefill at 671B width: experts streamed to the GPU vs the PCIe bound, the CPU path, a 4-layer model",
         "",
-        f"- GPU: {gpu}; CPU: {cpu_model()} ({len(os.sched_getaffinity(0))} logical CPUs, ggml "
-        f"{ggml_lib.physical_cores()} threads); torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
+        f"- GPU: {gpu}; CPU: {cpu_model()} ({len(os.sched_getaffinity(0))} logical CPUs, CPU "
+        f"engine {engine}, {ggml_lib.physical_cores()} threads); torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
         f"- layer: {E} experts, Q4_K gate/up, Q6_K down = {per_expert * E / 1e9:.2f} GB; {args.layers} layers rotated; "
         f"{K} experts a token, fresh uniform random routing each call; tiled in {tiled_s:.0f} s",
         f"- pinned host -> GPU (torch pinned buffer, 1 GiB): {h2d:.1f} GB/s; a registered (page-locked in place) "

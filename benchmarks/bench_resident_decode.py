@@ -57,13 +57,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--shares", type=float, nargs="+", default=[0, 0.125, 0.25, 0.5, 0.75])
     ap.add_argument("--tokenizer")
+    ap.add_argument("--engine", default="ggml", help="the experts' CPU engine (cpu_engines.ENGINES)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     prompt = tokenizer(args.tokenizer).encode_chat([{"role": "user", "content": PROMPT}])
     threads = ggml_lib.physical_cores()
     dram = dram_read_gbs(threads)
     torch.set_num_threads(threads)
-    cfg, module, rt, moes, build_s = build_model(args.layers, device, {})
+    cfg, module, rt, moes, build_s = build_model(args.layers, device, {"engine": args.engine})
     n_moe = args.layers - 1
     plain = [moe.experts for moe in moes]
     t = plain[0].tensors
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     lines = [f"# Hybrid decode against the share of experts resident on the GPU: {args.layers} layers at 671B width "
              f"({n_moe} MoE), {torch.cuda.get_device_name()}, {cpu_model()}, {time.strftime('%Y-%m-%d')}", "",
-             f"- DRAM read {dram:.1f} GB/s in this run; an expert's GGML bytes {expert_bytes / 1e6:.1f} MB; built in {build_s:.0f} s",
+             f"- CPU engine {plain[0].engine_class.name}, {plain[0].threads} threads; DRAM read {dram:.1f} GB/s in this run; an expert's GGML bytes {expert_bytes / 1e6:.1f} MB; built in {build_s:.0f} s",
              f"- {args.steps} greedy steps after 3 warm-ups, CUDA graphs around the CPU experts, fresh uniform random routing each step",
              "- DRAM bound = the non-resident slots' expert bytes a step / that bandwidth; full model = 61 x this run's "
              "per-layer average (the dense layer counted as a MoE one: an upper bound on time)", "",

@@ -165,6 +165,9 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], -1).transpose(1, 2)
         v = v.transpose(1, 2)  # [B, H, S, v_dim]
         q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)  # [B, H, T, qk]
+        if causal and start is not None and padded_flash(q, k):
+            end = min(s, start + t)
+            return causal_attention(q, k[:, :, :end], v[:, :, :end], self.scale).transpose(1, 2)
         rows = max(1, _NAIVE_SCORE_BYTES // (4 * b * self.n_heads * s))
         out = []
         for r0 in range(0, t, rows):
@@ -194,6 +197,27 @@ class MLA(nn.Module):
             out.append(torch.einsum("bhts,bsc->bthc", p, c_kv))
         o_lat = torch.cat(out, 1)  # [B, T, H, rank]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+
+
+def padded_flash(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether SDPA's flash kernel takes these queries and keys with values padded to their head dim.
+    Why pad: flash needs one head dim for q, k and v, and MLA's are 192 / 128, so unpadded SDPA falls
+    back to its memory-efficient kernel, measured ~3x slower at 8K-32K tokens on an H200
+    (benchmarks/results/prefill_attention_h200.md); the zero columns cost 20% more products."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, False, False)  # v padded is k's shape
+    return torch.backends.cuda.can_use_flash_attention(params)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention aligned to the last key (q [B, H, T, d], k [B, H, S, d], v [B, H, S, dv], T <= S),
+    in one SDPA call with v zero-padded to d (see padded_flash): [B, H, T, dv]. No query blocks: the
+    flash kernel never holds the scores."""
+    d, dv = q.shape[-1], v.shape[-1]
+    vp = F.pad(v, (0, d - dv)) if dv < d else v
+    out = F.scaled_dot_product_attention(q, k, vp, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
+    return out[..., :dv]
 
 
 def attention_mask(step: Step, device: torch.device) -> torch.Tensor:

@@ -9,8 +9,9 @@ Memory per pass, at the model's widths in BF16, an estimate with room to spare (
 - per new token: the residual stream and its normed, attention and MLP outputs (8 hidden vectors,
   the routed experts' fp32 sum counted twice), the query and its concatenated copy, the attention
   output, the widest MLP's gate/up/product intermediates;
-- per attended token (the naive attention expands the latents of the whole context): keys, values
-  and their concatenated copy, plus the cache's own latents of every layer for the new tokens;
+- per attended token (the naive attention expands the latents of the whole context): keys, values,
+  their concatenated copy and the values zero-padded for the flash kernel (model.causal_attention),
+  plus the cache's own latents of every layer for the new tokens;
 - the attention's score blocks (model._NAIVE_SCORE_BYTES) and the cost of nothing else: the weights
   are loaded already.
 """
@@ -35,7 +36,7 @@ def per_token_bytes(cfg: ModelConfig) -> tuple[int, int]:
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     mlp = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts or 0, 1))
     new = 2 * (10 * h + 2 * heads * cfg.qk_head_dim + heads * cfg.v_head_dim + 3 * mlp)
-    context = 2 * (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + heads * cfg.qk_head_dim + heads * cfg.v_head_dim)
+    context = 2 * (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + 2 * heads * cfg.qk_head_dim + heads * cfg.v_head_dim)
     cache = 2 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     return new + cache, context
 

@@ -21,6 +21,11 @@ import triton
 import triton.language as tl
 
 _BLOCK = 1024
+# The stream's pause between looks at the done word: back-to-back uncached reads of host memory
+# over PCIe (every thread of the waiting CTA) compete with the CPU experts for the host's memory
+# system; a pause this short adds at most that much to the hand-over. Read at each launch (a
+# captured graph keeps the value it was captured with).
+POLL_SLEEP_NS = 500
 
 
 @triton.jit
@@ -44,6 +49,12 @@ def _now_ns(dep):
 
 
 @triton.jit
+def _nanosleep(ns):
+    return tl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [ns], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _copy(src, dst, n, BLOCK: tl.constexpr):
     for s in range(0, n, BLOCK):
         o = s + tl.arange(0, BLOCK)
@@ -64,14 +75,15 @@ def _submit_kernel(x, idx, w, hx, hidx, hw, seq, ctrl, slot, n_tokens, n_x, n_k,
     _st_release_sys(ctrl + REQ, number)
 
 
-@triton.jit(do_not_specialize=["n", "timeout_ns"])
-def _collect_kernel(hout, beside, out, seq, ctrl, n, timeout_ns, HAS_BESIDE: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "timeout_ns", "sleep_ns"])
+def _collect_kernel(hout, beside, out, seq, ctrl, n, timeout_ns, sleep_ns, HAS_BESIDE: tl.constexpr,
                     DONE: tl.constexpr, ERR: tl.constexpr, BLOCK: tl.constexpr):
     number = tl.load(seq)
     t0 = _now_ns(number)
     seen = _ld_acquire_sys(ctrl + DONE)
     waited = t0 - t0
     while (seen != number) & (waited <= timeout_ns):
+        _nanosleep(sleep_ns)
         seen = _ld_acquire_sys(ctrl + DONE)
         waited = _now_ns(seen) - t0
     ok = seen == number
@@ -106,6 +118,6 @@ def collect(hout: torch.Tensor, beside: torch.Tensor | None, seq: torch.Tensor, 
     if beside is not None:
         assert beside.shape == out.shape and beside.is_contiguous()
     _collect_kernel[(1,)](hout, beside if beside is not None else out, out, seq, ctrl, out.numel(), timeout_ns,
-                          HAS_BESIDE=beside is not None, DONE=layout["done"], ERR=layout["err"], BLOCK=_BLOCK,
+                          POLL_SLEEP_NS, HAS_BESIDE=beside is not None, DONE=layout["done"], ERR=layout["err"], BLOCK=_BLOCK,
                           num_warps=4)
     return out

@@ -1,4 +1,5 @@
-"""The cached and chunked paths compute the same function as one full pass (fp32, CPU).
+"""The cached and chunked paths compute the same function as one full pass (fp32, CPU); the long-
+prompt attention (values padded for the flash kernel) against explicit scores.
 
 All paths share the weights and differ only in summation order, so they agree to ~1e-6; the bound
 1e-5 relative L2 is the same as against the transformers reference."""
@@ -8,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_ids, rel_err
+from conftest import needs_cuda, random_ids, rel_err
+from hybrid_r1 import model as model_math
 from hybrid_r1.cache import KVCache
 from hybrid_r1.generate import forward_tokens
 
@@ -69,3 +71,41 @@ def test_padded_batch_decode_continues_each_row(tiny_model):
     assert rel_err(step[0, 0], tiny_model.logits(a + [nxt[0]])[-1]) <= 1e-5
     assert rel_err(step[1, 0], tiny_model.logits(b + [nxt[1]])[-1]) <= 1e-5
 
+
+
+def _causal_reference(q, k, v, scale):
+    """fp32 attention with the causal mask aligned to the last key (explicit scores)."""
+    t, s = q.shape[2], k.shape[2]
+    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
+    seen = torch.arange(s)[None, :] <= torch.arange(t)[:, None] + (s - t)
+    scores = scores.masked_fill(~seen.to(q.device), float("-inf"))
+    return torch.einsum("bhts,bhsd->bhtd", scores.softmax(-1), v.float())
+
+
+def _mla_like(t, s, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, 4, n, 192, generator=g) for n in (t, s))
+    v = torch.randn(1, 4, s, 128, generator=g)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+@pytest.mark.parametrize("t,s", [(37, 37), (37, 100)])
+def test_padded_causal_attention_equals_masked_scores(t, s):
+    # fp32 on the CPU: padding v with zeros and the lower-right alignment change nothing but
+    # summation order (~1e-7); 1e-5 relative L2 as elsewhere in this file.
+    q, k, v = _mla_like(t, s, torch.float32, "cpu", seed=t + s)
+    out = model_math.causal_attention(q, k, v, 192**-0.5)
+    assert out.shape == (1, 4, t, 128)
+    assert rel_err(out, _causal_reference(q, k, v, 192**-0.5)) <= 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("t,s", [(300, 300), (300, 1000)])
+def test_padded_flash_attention_on_cuda(t, s):
+    # bf16 on the GPU's flash kernel: it rounds the probabilities to bf16 before P @ V and the output
+    # to bf16 (unit roundoff u = 2^-8 each, fp32 sums), so |out - fp32 reference| <= 2u max|v|.
+    q, k, v = _mla_like(t, s, torch.bfloat16, "cuda", seed=t + s)
+    assert model_math.padded_flash(q, k)  # the path the long-prompt prefill takes is the one tested
+    out = model_math.causal_attention(q, k, v, 192**-0.5)
+    err = (out.float() - _causal_reference(q, k, v, 192**-0.5)).abs().max()
+    assert err <= 2 * 2**-8 * v.float().abs().max()
