@@ -269,10 +269,11 @@ class GGMLExperts(Operator):
         key = (tuple(x.shape), x.dtype, tuple(idx.shape), idx.dtype, w.dtype)
         if self._pinned_key != key:
             self._pinned_key = key
-            self._pinned_bufs = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True),
-                                 torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True),
-                                 torch.empty(w.shape, dtype=w.dtype, pin_memory=True),
-                                 torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
+            with torch.inference_mode(False):  # kept across calls, inside inference mode or not
+                self._pinned_bufs = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True),
+                                     torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True),
+                                     torch.empty(w.shape, dtype=w.dtype, pin_memory=True),
+                                     torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
         return self._pinned_bufs
 
     def _executor(self) -> ggml_lib.Executor:

@@ -115,9 +115,12 @@ class _Ring:
         if nbytes > self.nbytes or (bounce and not self.host):
             torch.cuda.synchronize(self.device)  # nothing may still read the old buffers
             self.nbytes = max(nbytes, self.nbytes)
-            self.dev = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            self.host = ([torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-                         if bounce or self.host else [])
+            # Plain tensors: the ring outlives the call that made it, and an inference tensor could
+            # not be written by a later call outside inference mode.
+            with torch.inference_mode(False):
+                self.dev = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+                self.host = ([torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                             if bounce or self.host else [])
             self.read, self.sent, self.ahead = [None, None], [None, None], []
 
 
