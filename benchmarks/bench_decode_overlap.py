@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="a folder with tokenizer.json and tokenizer_config.json")
     ap.add_argument("--gpu-poll-ns", type=int, nargs="+", default=[khandoff.POLL_SLEEP_NS],
                     help="overlapped runs, one per pause of the stream between looks at the done word")
+    ap.add_argument("--threads", type=int, default=0, help="the CPU engine's threads (0: one per physical core)")
     ap.add_argument("--engine", default="ggml", help="the experts' CPU engine (cpu_engines.ENGINES: ggml, kt_llamafile, auto)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     hbm = hbm_gbs(device)
 
     cfg, module, rt, moes, build_s = build_model(args.layers, device, {"overlap": True, "overlap_timeout_s": 5.0,
-                                                                       "engine": args.engine})
+                                                                       "engine": args.engine,
+                                                                       "threads": args.threads or None})
     n_moe = args.layers - 1
     overlapped = [moe.experts for moe in moes]
     assert all(isinstance(e, OverlappedGGMLExperts) for e in overlapped)

@@ -1,8 +1,10 @@
 """Which engine computes one routed-experts call of T tokens: the CPU, or one pass streamed to the GPU.
 
 The choice compares two estimated times from a machine profile, per MoE layer:
-- CPU: the engine's measured ms per layer at a few token counts (a table per engine: ggml and
-  kt-kernel's LLAMAFILE; an engine without a table is costed as ggml), linear between the points and along the last segment beyond;
+- CPU: the engine's measured ms per layer at a few token counts (a table per engine, as
+  bench_prefill.py measures it; ggml's by default, and an engine without a table is costed as
+  ggml: kt-kernel's LLAMAFILE table from CPU inputs, 129 ms at 128 tokens, did not hold in the
+  model, where it took ~145 ms a layer against the stream's ~113), linear between the points and along the last segment beyond;
 - GPU: the used experts' bytes / (pinned host-to-GPU bandwidth x the share of it the stream reaches),
   plus a fixed cost per call; the products run under the copy (experts_gpu_prefill.py), so only the
   longer of copy and compute counts. The used experts of T tokens routing to k of E each are
@@ -23,9 +25,6 @@ from ..errors import HybridR1Error
 # Measured on the lent H200 machine's host (16-core Xeon, ggml 16 threads), one 671B-width layer of
 # 256 experts Q4_K/Q6_K, inputs from the GPU (benchmarks/results/prefill_h200.md): tokens -> ms.
 _GGML_H200_HOST = ((128, 216.0), (512, 642.0), (1024, 1147.0), (2048, 2231.0))
-# kt-kernel's LLAMAFILE engine on the same host and bytes, inputs on the CPU (the mean of run 2's two
-# rounds, benchmarks/results/experts_cpu_engines.md); bench_prefill.py measures it from the GPU.
-_KT_LLAMAFILE_H200_HOST = ((128, 129.0), (512, 321.0), (2048, 1192.0))
 
 
 class ProfileError(HybridR1Error):
@@ -43,8 +42,7 @@ class PrefillProfile:
     gpu_fixed_ms: float = 0.0  # per call: host grouping, launches (fits to ~0 at 671B width: the share holds it)
     gpu_us_per_token: float = 2.5  # products and expansion per token (hidden under the copy mostly)
     layer_bytes: int = 7_310_000_000  # the layer the CPU table was measured on
-    cpu_ms: dict[str, tuple[tuple[int, float], ...]] = field(
-        default_factory=lambda: {"ggml": _GGML_H200_HOST, "kt_llamafile": _KT_LLAMAFILE_H200_HOST})
+    cpu_ms: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=lambda: {"ggml": _GGML_H200_HOST})
 
     def __post_init__(self):
         for name in ("h2d_gbs", "stream_share", "layer_bytes"):
