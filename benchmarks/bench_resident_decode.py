@@ -33,13 +33,16 @@ from hybrid_r1 import ggml_lib  # noqa: E402
 from hybrid_r1.generate import prefill  # noqa: E402
 from hybrid_r1.graphs import DecodeGraphs  # noqa: E402
 from hybrid_r1.ops.experts_int8 import Int8GPUExperts  # noqa: E402
-from hybrid_r1.ops.experts_resident import ResidentGGMLExperts  # noqa: E402
+from hybrid_r1.ops.experts_ggml_overlap import OverlappedGGMLExperts  # noqa: E402
+from hybrid_r1.ops.experts_resident import OverlappedResidentGGMLExperts, ResidentGGMLExperts  # noqa: E402
 
 
-def resident_twin(op, n: int, device) -> ResidentGGMLExperts:
-    """op's loaded GGML bytes, with its first n experts also on the GPU (random INT8 weights)."""
-    r = ResidentGGMLExperts(op.n_experts, op.hidden_size, op.intermediate_size, threads=op.threads, poll=op.poll,
-                            gpu_experts=n)
+def resident_twin(op, n: int, device, overlap: bool = False) -> ResidentGGMLExperts:
+    """op's loaded GGML bytes, with its first n experts also on the GPU (random INT8 weights); with
+    `overlap`, the kind whose CPU slots hand over inside the decode graph."""
+    cls = OverlappedResidentGGMLExperts if overlap else ResidentGGMLExperts
+    r = cls(op.n_experts, op.hidden_size, op.intermediate_size, threads=op.threads, poll=op.poll,
+            gpu_experts=n, overlap_timeout_s=5.0)
     r.share_loaded(op)
     gpu = Int8GPUExperts(n, op.hidden_size, op.intermediate_size, device, "block", expert_ids=tuple(range(n)))
     w13, s13, w2, s2 = make_experts(n, "block", device)
@@ -57,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--shares", type=float, nargs="+", default=[0, 0.125, 0.25, 0.5, 0.75])
     ap.add_argument("--tokenizer")
+    ap.add_argument("--modes", nargs="+", choices=["serial", "overlapped"], default=["serial"],
+                    help="serial: the CPU experts break the graph; overlapped: overlap: true as well (one graph)")
     ap.add_argument("--engine", default="ggml", help="the experts' CPU engine (cpu_engines.ENGINES)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -72,10 +77,18 @@ def main(argv=None) -> int:
 
     rows = []
     with torch.inference_mode():
-        for share in args.shares:
+        for share, mode in [(s, m) for s in args.shares for m in args.modes]:
             n = round(share * cfg.n_routed_experts)
+            over = mode == "overlapped"
             for moe, op in zip(moes, plain):
-                moe.experts = op if n == 0 else resident_twin(op, n, device)
+                if n:
+                    moe.experts = resident_twin(op, n, device, over)
+                elif over:
+                    moe.experts = OverlappedGGMLExperts(op.n_experts, op.hidden_size, op.intermediate_size,
+                                                        threads=op.threads, poll=op.poll, overlap_timeout_s=5.0)
+                    moe.experts.share_loaded(op)
+                else:
+                    moe.experts = op
             cache = rt.new_cache()
             nxt = int(prefill(module, prompt, cache, 512).argmax())
             runner = DecodeGraphs(module, cache)
@@ -90,7 +103,8 @@ def main(argv=None) -> int:
             layer_ms = step / args.layers  # crude split: the step's time spread over its layers
             full_ms = (FULL_DENSE + FULL_MOE) * layer_ms  # every layer as this run's average (MoE-heavy: upper)
             dram_ms = n_moe * cfg.num_experts_per_tok * (1 - n / cfg.n_routed_experts) * expert_bytes / dram / 1e6
-            rows.append(f"| {share:.1%} ({n} a layer) | {step:.2f} | {dram_ms:.2f} | {1e3 / full_ms:.2f} |")
+            rows.append(f"| {share:.1%} ({n} a layer) | {mode} ({len(runner.segments)} graph segments) | {step:.2f} "
+                        f"| {dram_ms:.2f} | {1e3 / full_ms:.2f} |")
             print(rows[-1], flush=True)
             del runner, cache
             torch.cuda.empty_cache()
@@ -100,8 +114,8 @@ def main(argv=None) -> int:
              f"- {args.steps} greedy steps after 3 warm-ups, CUDA graphs around the CPU experts, fresh uniform random routing each step",
              "- DRAM bound = the non-resident slots' expert bytes a step / that bandwidth; full model = 61 x this run's "
              "per-layer average (the dense layer counted as a MoE one: an upper bound on time)", "",
-             "| resident share | step ms (median) | DRAM bound of the CPU part ms | full model tok/s, extrapolated |",
-             "|---|---|---|---|", *rows, ""]
+             "| resident share | mode | step ms (median) | DRAM bound of the CPU part ms | full model tok/s, extrapolated |",
+             "|---|---|---|---|---|", *rows, ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -96,8 +96,21 @@ def test_resident_rule_arguments_are_checked(tmp_path):
         rule({"gpu_experts": 4, "hot_experts": str(tmp_path / "missing.json")})
     with pytest.raises(RuleError, match="gpu_device"):
         rule({"gpu_experts": 4, "gpu_device": "cpu"})
-    with pytest.raises(RuleError, match="overlap"):
-        rule({"gpu_experts": 4, "overlap": True})
+    assert rule({"gpu_experts": 4, "overlap": True})  # resident and overlapped go together
+
+
+def test_resident_with_overlap_picks_the_graph_safe_operator():
+    from hybrid_r1.loading import build
+    from hybrid_r1.ops.experts_ggml import GGMLArgs, GGMLExperts
+    from hybrid_r1.ops.experts_resident import OverlappedResidentGGMLExperts, ResidentGGMLExperts
+
+    cfg = preset_config("tiny", vocab_size=SMALL_VOCAB)
+    experts = build(cfg).model.layers[1].mlp.experts
+    op = GGMLExperts.from_module(experts, args=GGMLArgs(gpu_experts=4, overlap=True))
+    assert type(op) is OverlappedResidentGGMLExperts
+    assert op.graph_safe and not op.host_sync and op.host_work and op.runs_beside and op.gpu_count == 4
+    plain = GGMLExperts.from_module(experts, args=GGMLArgs(gpu_experts=4))
+    assert type(plain) is ResidentGGMLExperts and not plain.graph_safe
 
 
 def test_calibrate_command(tmp_path, capsys):
@@ -152,3 +165,41 @@ def test_resident_experts_match_the_cpu_placement(tiny_gguf, tmp_path):
     # agree (a random model's near-ties may part them later: compare the first few)
     got_decode = list(gen)
     assert got_decode[:4] == want_gen[:4]
+
+
+@needs_cuda
+@torch.inference_mode()
+def test_overlapped_resident_decode_is_one_graph_and_follows_the_serial_split(tiny_gguf):
+    """gpu_experts with overlap: true against gpu_experts alone, on the same 8 resident experts: the
+    same split and the same kernels; the overlapped side rounds the GPU part (resident + shared) to
+    bf16 once more before adding the CPU's, one bf16 rounding (2^-8 relative) per MoE layer, so
+    2^-6 on the logits' relative L2 (three layers, with room); a lost slot or a wrong split is O(1)."""
+    import yaml
+
+    from hybrid_r1.generate import prefill
+    from hybrid_r1.graphs import DecodeGraphs
+    from hybrid_r1.ops.experts_resident import OverlappedResidentGGMLExperts
+
+    base = [r for r in yaml.safe_load(RULES.read_text()) if "experts" not in r["name"]]
+    runs = {}
+    for overlap in (False, True):
+        rules = [{"name": r"^model\.layers\.\d+\.mlp\.experts$", "op": "experts.ggml_cpu", "device": "cpu",
+                  "args": {"gpu_experts": 8, "overlap": overlap, "overlap_timeout_s": 10.0}}, *base]
+        rt = hybrid_r1.load(tiny_gguf, rules=rules)
+        ops = [m for m in rt.module.modules() if isinstance(m, OverlappedResidentGGMLExperts)]
+        assert bool(ops) == overlap
+        cache = rt.new_cache()
+        runner = DecodeGraphs(rt.module, cache)
+        logits = prefill(rt.module, random_ids(12, seed=6), cache)
+        toks, seen = [], []
+        for _ in range(16):
+            toks.append(int(logits.argmax()))
+            logits = runner.step(toks[-1]).clone()
+            seen.append(logits)
+        runs[overlap] = (toks, torch.stack(seen), len(runner.segments))
+        del rt, runner, cache
+    (toks0, logits0, segs0), (toks1, logits1, segs1) = runs[False], runs[True]
+    assert segs1 == 1 and segs0 > 1  # overlapped: no break at the experts
+    assert not logits1.isnan().any()
+    assert toks1[:4] == toks0[:4]  # later, a random model's near-ties may part the two runs' tokens
+    assert rel_err(logits1[:4], logits0[:4]) <= 2**-6

@@ -76,8 +76,6 @@ class GGMLArgs(OpArgs):
             raise OpArgsError("overlap_timeout_s", f"must be > 0, got {self.overlap_timeout_s}")
         if self.gpu_experts < 0:
             raise OpArgsError("gpu_experts", f"must be >= 0, got {self.gpu_experts}")
-        if self.gpu_experts and self.overlap:
-            raise OpArgsError("gpu_experts", "does not go with overlap: true yet (choose one)")
         if self.hot_experts is not None and not Path(self.hot_experts).is_file():
             raise OpArgsError("hot_experts", f"{self.hot_experts}: no such file (hybrid-r1 calibrate writes it)")
         _check_cuda_device("gpu_device", self.gpu_device)
@@ -146,7 +144,9 @@ class GGMLExperts(Operator):
     def from_module(cls, module, device=None, dtype=None, args: GGMLArgs | None = None) -> "GGMLExperts":
         shape = module[0].gate_proj
         args = args or GGMLArgs()
-        if args.overlap and cls is GGMLExperts:  # the overlapped kind declares its own graph behaviour
+        if args.overlap and args.gpu_experts and cls is GGMLExperts:  # both: one graph, resident beside
+            from .experts_resident import OverlappedResidentGGMLExperts as cls
+        elif args.overlap and cls is GGMLExperts:  # the overlapped kind declares its own graph behaviour
             from .experts_ggml_overlap import OverlappedGGMLExperts as cls
         elif args.gpu_experts and cls is GGMLExperts:  # some experts also on the GPU, run beside
             from .experts_resident import ResidentGGMLExperts as cls

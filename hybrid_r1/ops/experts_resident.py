@@ -12,13 +12,20 @@ traffic), or, when all of a token's experts are resident, the layer's coldest ex
 the GPU of up to `chunk_tokens` tokens that the prefill stream does not take splits so (decode and
 short prompts); streamed prompts and CPU inputs take experts.ggml_cpu's path over all experts (the
 GGUF keeps every expert in CPU RAM).
+
+With `overlap: true` as well (OverlappedResidentGGMLExperts), a decode call's CPU slots go to the
+hand-over worker inside the stream (experts_ggml_overlap.py) while the resident experts' fused MoE
+and the shared expert run on the GPU: the step stays one CUDA graph, with no eager launches
+between ggml and the GPU work.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import handoff
 from .experts_ggml import GGMLExperts
+from .experts_ggml_overlap import MAX_TOKENS, OverlappedGGMLExperts
 from .experts_int8 import Int8GPUExperts
 
 
@@ -98,3 +105,28 @@ class ResidentGGMLExperts(GGMLExperts):
     def extra_repr(self) -> str:
         n = self.resident.n_experts if self.resident is not None else min(self.gpu_count, self.n_experts)
         return super().extra_repr() + f", {n} experts also on {self.gpu_device} ({self.gpu_scheme} INT8)"
+
+
+class OverlappedResidentGGMLExperts(ResidentGGMLExperts, OverlappedGGMLExperts):
+    """gpu_experts with overlap: the split of ResidentGGMLExperts, the CPU side handed over inside
+    the stream (graph-safe, no host sync). Calls the hand-over does not take (prompts, CPU inputs)
+    run as ResidentGGMLExperts."""
+
+    graph_safe = True
+    host_sync = False
+    runs_beside = True
+    host_work = True
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, beside=None) -> torch.Tensor:
+        n = x.shape[0]
+        streamed = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
+        if self.resident is None or streamed or not (self.hands_over(x) and 1 <= n <= MAX_TOKENS):
+            return ResidentGGMLExperts.forward(self, x, topk_idx, topk_w, beside)
+        cpu_idx, cpu_w, gpu_idx, gpu_w = split_slots(topk_idx, topk_w, self._slot_of, self._cold)
+
+        def gpu_part() -> torch.Tensor:  # queued after the hand-over's submit: runs while the CPU computes
+            y = self.resident(x, gpu_idx, gpu_w).float()
+            return y if beside is None else y + beside().float()
+
+        worker, slot = self._handoff(topk_idx.shape[1], x.dtype, x.device)
+        return handoff.overlapped(worker, slot, x, cpu_idx, cpu_w, gpu_part, self.overlap_timeout_s)
