@@ -13,11 +13,13 @@ The read-only flag lets the driver lock PROT_READ file mappings (numpy memmap mo
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import weakref
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 _FLAGS = 0x01 | 0x08  # CU_MEMHOSTREGISTER_PORTABLE (any context may copy) | READ_ONLY
 
 
@@ -33,6 +35,9 @@ def _libcuda() -> ctypes.CDLL:
         raise PinningError(f"no CUDA driver library: {e}") from None
     lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
     lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    lib.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
+    lib.cuCtxPopCurrent_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
     return lib
 
 
@@ -51,11 +56,21 @@ def page_spans(arrays: list[np.ndarray], page: int = mmap.PAGESIZE) -> list[tupl
     return [(s, e) for s, e in merged]
 
 
-def _unregister(lib: ctypes.CDLL, starts: list[int], arrays: list[np.ndarray]) -> None:
+def _unregister(lib: ctypes.CDLL, ctx: int | None, starts: list[int], arrays: list[np.ndarray]) -> None:
     # `arrays` rides along so the memory stays mapped until it is unlocked: unmapped first, the
-    # driver would keep a lock on addresses that a later allocation reuses (its copies then fail).
-    for s in starts:
-        lib.cuMemHostUnregister(ctypes.c_void_p(s))
+    # driver would keep a lock on addresses that a later allocation reuses (its copies then fail,
+    # "invalid argument", even from ordinary tensors there). The registering context is made
+    # current for the calls: a finalizer may run on any thread (the garbage collector's), where no
+    # context is current and the driver would refuse to unlock.
+    pushed = ctx is not None and lib.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)) == 0
+    try:
+        for s in starts:
+            err = lib.cuMemHostUnregister(ctypes.c_void_p(s))
+            if err != 0:
+                log.warning("cuMemHostUnregister at 0x%x failed with CUresult %d: those pages stay locked", s, err)
+    finally:
+        if pushed:
+            lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
 
 class Pinning:
@@ -67,16 +82,19 @@ class Pinning:
         """Lock the pages of `arrays` (call with the device's CUDA context current, i.e. after torch
         used that device on this thread). Raises PinningError, having unlocked what it locked."""
         lib = _libcuda()
+        ctx = ctypes.c_void_p()
+        if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
+            raise PinningError("no current CUDA context to lock host pages in")
         self.spans = page_spans(arrays)
         self.nbytes = sum(e - s for s, e in self.spans)
         done: list[int] = []
         for s, e in self.spans:
             err = lib.cuMemHostRegister_v2(ctypes.c_void_p(s), e - s, _FLAGS)
             if err != 0:
-                _unregister(lib, done, arrays)
+                _unregister(lib, ctx.value, done, arrays)
                 raise PinningError(f"cuMemHostRegister of {(e - s) / 2**20:.0f} MiB failed with CUresult {err}")
             done.append(s)
-        self._close = weakref.finalize(self, _unregister, lib, done, list(arrays))
+        self._close = weakref.finalize(self, _unregister, lib, ctx.value, done, list(arrays))
 
     def close(self) -> None:
         self._close()

@@ -21,8 +21,22 @@ class FakeCuda:
         self.watch: weakref.ref | None = None
         self.cuMemHostRegister_v2 = self._register
         self.cuMemHostUnregister = self._unregister
+        self.current: list[int] = [0xC0]  # this thread's context stack (the registering context on top)
+
+    def cuCtxGetCurrent(self, out):
+        out._obj.value = self.current[-1] if self.current else None
+        return 0
+
+    def cuCtxPushCurrent_v2(self, ctx):
+        self.current.append(ctx.value)
+        return 0
+
+    def cuCtxPopCurrent_v2(self, out):
+        self.current.pop()
+        return 0
 
     def _register(self, ptr, size, flags):
+        assert self.current and self.current[-1] == 0xC0
         self.calls.append(("register", ptr.value, size, flags))
         if self.refuse_at is not None and len(self.locked) == self.refuse_at:
             return 1  # CUDA_ERROR_INVALID_VALUE
@@ -30,6 +44,8 @@ class FakeCuda:
         return 0
 
     def _unregister(self, ptr):
+        if not self.current or self.current[-1] != 0xC0:  # the driver: no context, no unlock
+            return 201  # CUDA_ERROR_INVALID_CONTEXT
         self.calls.append(("unregister", ptr.value))
         self.alive_at_unlock.append(self.watch is not None and self.watch() is not None)
         del self.locked[ptr.value]
@@ -49,9 +65,20 @@ def test_locks_page_spans_and_unlocks_before_the_memory_goes(monkeypatch):
     assert {c[3] for c in fake.calls} == {0x09} and pin.nbytes == 5 * mmap.PAGESIZE
     fake.watch = weakref.ref(parts[2].base)  # the mapping's owner array
     del parts, buf
+    fake.current = []  # collected where no context is current (another thread's garbage collection)
     del pin
     gc.collect()
     assert fake.locked == {} and fake.alive_at_unlock == [True, True]  # unlocked while still mapped
+    assert fake.current == []  # the registering context was pushed for the unlock, then popped
+
+
+def test_no_current_context_is_refused(monkeypatch):
+    fake = FakeCuda()
+    fake.current = []
+    monkeypatch.setattr(host_pinning, "_libcuda", lambda: fake)
+    with pytest.raises(host_pinning.PinningError, match="context"):
+        host_pinning.Pinning([np.zeros(mmap.PAGESIZE, np.uint8)])
+    assert fake.calls == []
 
 
 def test_refusal_unlocks_what_was_locked(monkeypatch):
