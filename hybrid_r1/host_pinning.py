@@ -42,18 +42,21 @@ def _libcuda() -> ctypes.CDLL:
 
 
 def page_spans(arrays: list[np.ndarray], page: int = mmap.PAGESIZE) -> list[tuple[int, int]]:
-    """The page-rounded [start, end) address ranges covering `arrays`, merged where they share or
-    touch a page (two registrations may not overlap). A range rounded out stays inside its mapping:
-    mappings start and end on page boundaries."""
-    spans = sorted((a.ctypes.data // page * page, -(-(a.ctypes.data + a.nbytes) // page) * page)
-                   for a in arrays if a.nbytes)
+    """The [start, end) address ranges of the whole pages that `arrays` cover: their bytes merged
+    where they touch or overlap, then rounded in to pages. Why in, not out: a page the arrays share
+    with other data (a GGUF's next tensor, a neighbour on the heap) must stay unregistered, since
+    the driver refuses (CUDA_ERROR_INVALID_VALUE) any copy whose range is partly registered and
+    partly not, and a later copy of that other data may start in such a page. The arrays' own
+    bytes outside the spans are copied as pageable memory (Pinning.split)."""
+    byte_ranges = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays if a.nbytes)
     merged: list[list[int]] = []
-    for s, e in spans:
+    for s, e in byte_ranges:
         if merged and s <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], e)
         else:
             merged.append([s, e])
-    return [(s, e) for s, e in merged]
+    spans = [(-(-s // page) * page, e // page * page) for s, e in merged]
+    return [(s, e) for s, e in spans if e > s]
 
 
 def _unregister(lib: ctypes.CDLL, ctx: int | None, starts: list[int], arrays: list[np.ndarray]) -> None:
@@ -95,6 +98,17 @@ class Pinning:
                 raise PinningError(f"cuMemHostRegister of {(e - s) / 2**20:.0f} MiB failed with CUresult {err}")
             done.append(s)
         self._close = weakref.finalize(self, _unregister, lib, ctx.value, done, list(arrays))
+
+    def split(self, ptr: int, n: int) -> list[tuple[int, int]]:
+        """[start, end) offsets into the n bytes at `ptr` that cut them where a locked span begins
+        or ends, so that each piece is wholly locked or wholly not (see page_spans)."""
+        cuts = {0, n}
+        for s, e in self.spans:
+            for c in (s - ptr, e - ptr):
+                if 0 < c < n:
+                    cuts.add(c)
+        edges = sorted(cuts)
+        return list(zip(edges, edges[1:]))
 
     def close(self) -> None:
         self._close()

@@ -86,10 +86,14 @@ def test_groups_runs_and_page_spans():
     base = buf.ctypes.data
     a, b, c = buf[100:5000], buf[5000:8192], buf[4 * 4096 + 8:5 * 4096]
     spans = page_spans([c, b, a], page=4096)
-    # a and b share the page at 4096: one span; c alone; all rounded out to pages and covering the bytes
-    lo = base // 4096 * 4096
-    assert spans == [(lo, -(-(base + 8192) // 4096) * 4096), ((base + 4 * 4096 + 8) // 4096 * 4096,
-                                                             -(-(base + 5 * 4096) // 4096) * 4096)]
+    # a and b touch: their bytes [100, 8192) are one range; c's [16392, 20480) another; each rounded
+    # in to the whole pages it covers (a page holding any other byte is never locked)
+    def whole(s, e):
+        return -(-(base + s) // 4096) * 4096, (base + e) // 4096 * 4096
+
+    want = [r for r in (whole(100, 8192), whole(4 * 4096 + 8, 5 * 4096)) if r[1] > r[0]]
+    assert spans == want and all(e - s >= 4096 for s, e in spans)
+    assert page_spans([buf[10:4000]], page=4096) == []  # inside one page that holds other bytes
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -60,9 +60,15 @@ def test_locks_page_spans_and_unlocks_before_the_memory_goes(monkeypatch):
     parts = [buf[10:mmap.PAGESIZE + 5], buf[mmap.PAGESIZE + 5:2 * mmap.PAGESIZE], buf[5 * mmap.PAGESIZE:]]
     base = buf.ctypes.data
     pin = host_pinning.Pinning(parts)
-    # the first two share a page: one lock of pages 0-1; the third: pages 5-7; read-only + portable
-    assert fake.locked == {base: 2 * mmap.PAGESIZE, base + 5 * mmap.PAGESIZE: 3 * mmap.PAGESIZE}
-    assert {c[3] for c in fake.calls} == {0x09} and pin.nbytes == 5 * mmap.PAGESIZE
+    # the first two touch: bytes [10, 2 pages), of which page 1 is whole (page 0 holds 10 other
+    # bytes: never locked); the third: pages 5-7; read-only + portable
+    page = mmap.PAGESIZE
+    assert fake.locked == {base + page: page, base + 5 * page: 3 * page}
+    assert {c[3] for c in fake.calls} == {0x09} and pin.nbytes == 4 * page
+    # a copy of the first part splits where the lock begins: [10, page) pageable, [page, page + 5) locked
+    assert pin.split(base + 10, page - 5) == [(0, page - 10), (page - 10, page - 5)]
+    assert pin.split(base + 3 * page, page) == [(0, page)]  # nothing locked there: one piece
+    assert pin.split(base + 4 * page, 4 * page) == [(0, page), (page, 4 * page)]
     fake.watch = weakref.ref(parts[2].base)  # the mapping's owner array
     del parts, buf
     fake.current = []  # collected where no context is current (another thread's garbage collection)
@@ -87,5 +93,5 @@ def test_refusal_unlocks_what_was_locked(monkeypatch):
     m = mmap.mmap(-1, 8 * mmap.PAGESIZE)
     buf = np.frombuffer(m, np.uint8)
     with pytest.raises(host_pinning.PinningError, match="CUresult 1"):
-        host_pinning.Pinning([buf[:100], buf[4 * mmap.PAGESIZE:]])
+        host_pinning.Pinning([buf[:2 * mmap.PAGESIZE], buf[4 * mmap.PAGESIZE:]])
     assert fake.locked == {} and [c[0] for c in fake.calls] == ["register", "register", "unregister"]

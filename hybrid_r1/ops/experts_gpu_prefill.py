@@ -230,7 +230,12 @@ class GPUExpertPrefill:
                 start.record(stream)
             dst = ring.dev[b]
             for src, off in pieces:
-                dst[off:off + src.numel()].copy_(src, non_blocking=True)
+                if self.pinned is None:
+                    dst[off:off + src.numel()].copy_(src, non_blocking=True)
+                    continue
+                # a tensor's first and last pages may be shared with other data and stay pageable
+                for lo, hi in self.pinned.split(src.data_ptr(), src.numel()):
+                    dst[off + lo:off + hi].copy_(src[lo:hi], non_blocking=True)
             done = torch.cuda.Event(enable_timing=self.timing)
             done.record(stream)
             if self.pinning == "bounce":
