@@ -99,16 +99,16 @@ class Pinning:
             done.append(s)
         self._close = weakref.finalize(self, _unregister, lib, ctx.value, done, list(arrays))
 
-    def split(self, ptr: int, n: int) -> list[tuple[int, int]]:
-        """[start, end) offsets into the n bytes at `ptr` that cut them where a locked span begins
-        or ends, so that each piece is wholly locked or wholly not (see page_spans)."""
+    def split(self, ptr: int, n: int) -> list[tuple[int, int, bool]]:
+        """(start, end, locked) offsets into the n bytes at `ptr`, cut where a locked span begins or
+        ends, so that each piece is wholly locked or wholly not (see page_spans)."""
         cuts = {0, n}
         for s, e in self.spans:
             for c in (s - ptr, e - ptr):
                 if 0 < c < n:
                     cuts.add(c)
         edges = sorted(cuts)
-        return list(zip(edges, edges[1:]))
+        return [(a, b, any(s <= ptr + a < e for s, e in self.spans)) for a, b in zip(edges, edges[1:])]
 
     def close(self) -> None:
         self._close()

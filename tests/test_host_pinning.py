@@ -66,9 +66,9 @@ def test_locks_page_spans_and_unlocks_before_the_memory_goes(monkeypatch):
     assert fake.locked == {base + page: page, base + 5 * page: 3 * page}
     assert {c[3] for c in fake.calls} == {0x09} and pin.nbytes == 4 * page
     # a copy of the first part splits where the lock begins: [10, page) pageable, [page, page + 5) locked
-    assert pin.split(base + 10, page - 5) == [(0, page - 10), (page - 10, page - 5)]
-    assert pin.split(base + 3 * page, page) == [(0, page)]  # nothing locked there: one piece
-    assert pin.split(base + 4 * page, 4 * page) == [(0, page), (page, 4 * page)]
+    assert pin.split(base + 10, page - 5) == [(0, page - 10, False), (page - 10, page - 5, True)]
+    assert pin.split(base + 3 * page, page) == [(0, page, False)]  # nothing locked there: one piece
+    assert pin.split(base + 4 * page, 4 * page) == [(0, page, False), (page, 4 * page, True)]
     fake.watch = weakref.ref(parts[2].base)  # the mapping's owner array
     del parts, buf
     fake.current = []  # collected where no context is current (another thread's garbage collection)

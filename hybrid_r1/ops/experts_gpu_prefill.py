@@ -233,9 +233,13 @@ class GPUExpertPrefill:
                 if self.pinned is None:
                     dst[off:off + src.numel()].copy_(src, non_blocking=True)
                     continue
-                # a tensor's first and last pages may be shared with other data and stay pageable
-                for lo, hi in self.pinned.split(src.data_ptr(), src.numel()):
-                    dst[off + lo:off + hi].copy_(src[lo:hi], non_blocking=True)
+                # A tensor's first and last pages may hold other data and stay pageable: those few
+                # bytes go through a small pinned copy (a pageable source could make the driver
+                # wait for the copy stream, stalling the host's issue loop).
+                for lo, hi, locked in self.pinned.split(src.data_ptr(), src.numel()):
+                    part = src[lo:hi] if locked else \
+                        torch.empty(hi - lo, dtype=torch.uint8, pin_memory=True).copy_(src[lo:hi])
+                    dst[off + lo:off + hi].copy_(part, non_blocking=True)
             done = torch.cuda.Event(enable_timing=self.timing)
             done.record(stream)
             if self.pinning == "bounce":
