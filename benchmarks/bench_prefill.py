@@ -89,8 +89,12 @@ def layer_ops(src, n_layers: int, device: str | None, pinning: str = "register",
 
 
 def registered_gbs(op, device) -> float:
-    """Host-to-GPU rate of one whole registered tensor (the gate blocks of a layer) read in place."""
+    """Host-to-GPU rate of the locked pages of one tensor (the gate blocks of a layer) read in place
+    (its first and last pages may stay unlocked: a copy may not span both kinds)."""
     src = op.prefill._source(0, 0, E)
+    lo, hi = max(((a, b) for a, b, locked in op.prefill.pinned.split(src.data_ptr(), src.numel()) if locked),
+                 key=lambda r: r[1] - r[0])
+    src = src[lo:hi]
     dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(device)

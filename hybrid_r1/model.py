@@ -206,7 +206,10 @@ def padded_flash(q: torch.Tensor, k: torch.Tensor) -> bool:
     (benchmarks/results/prefill_attention_h200.md); the zero columns cost 20% more products."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, False, False)  # v padded is k's shape
+    try:  # v padded is k's shape; the last argument (enable_gqa) came with torch 2.5
+        params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, False, False)
+    except TypeError:
+        params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, False)
     return torch.backends.cuda.can_use_flash_attention(params)
 
 

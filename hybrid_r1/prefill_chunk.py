@@ -8,7 +8,8 @@ ceil(tokens / fitting) and each takes an equal share (the last is not a sliver).
 Memory per pass, at the model's widths in BF16, an estimate with room to spare (SAFETY):
 - per new token: the residual stream and its normed, attention and MLP outputs (8 hidden vectors,
   the routed experts' fp32 sum counted twice), the query and its concatenated copy, the attention
-  output, the widest MLP's gate/up/product intermediates;
+  output (padded to the query's width by the flash path, and its slice), the widest MLP's
+  gate/up/product intermediates;
 - per attended token (the naive attention expands the latents of the whole context): keys, values,
   their concatenated copy and the values zero-padded for the flash kernel (model.causal_attention),
   plus the cache's own latents of every layer for the new tokens;
@@ -35,7 +36,7 @@ def per_token_bytes(cfg: ModelConfig) -> tuple[int, int]:
     """(bytes per new token, bytes per attended context token) of one pass, BF16."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     mlp = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts or 0, 1))
-    new = 2 * (10 * h + 2 * heads * cfg.qk_head_dim + heads * cfg.v_head_dim + 3 * mlp)
+    new = 2 * (10 * h + 3 * heads * cfg.qk_head_dim + heads * cfg.v_head_dim + 3 * mlp)
     context = 2 * (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + 2 * heads * cfg.qk_head_dim + heads * cfg.v_head_dim)
     cache = 2 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     return new + cache, context

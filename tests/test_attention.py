@@ -99,6 +99,27 @@ def test_padded_causal_attention_equals_masked_scores(t, s):
     assert rel_err(out, _causal_reference(q, k, v, 192**-0.5)) <= 1e-5
 
 
+def test_naive_flash_branch_equals_query_blocks(tiny_model, monkeypatch):
+    # MLA._naive's flash branch (one causal_attention call over the keys up to the chunk's last
+    # query) against its query blocks with the explicit mask, in fp32 on the CPU: forcing
+    # padded_flash lets the CPU's SDPA run the branch; chunks of 16 attend after a cached prefix.
+    ids = random_ids(40, seed=12)
+    blocks = tiny_model.logits(ids, chunk=16, mode="naive")
+    calls = []
+    plain = model_math.causal_attention
+
+    def counted(q, k, v, scale):
+        calls.append((q.shape[2], k.shape[2]))
+        return plain(q, k, v, scale)
+
+    monkeypatch.setattr(model_math, "padded_flash", lambda q, k: True)
+    monkeypatch.setattr(model_math, "causal_attention", counted)
+    flash = tiny_model.logits(ids, chunk=16, mode="naive")
+    layers = tiny_model.config.num_hidden_layers
+    assert calls == [(16, 16)] * layers + [(16, 32)] * layers + [(8, 40)] * layers
+    assert rel_err(flash, blocks) <= 1e-5
+
+
 @needs_cuda
 @pytest.mark.parametrize("t,s", [(300, 300), (300, 1000)])
 def test_padded_flash_attention_on_cuda(t, s):

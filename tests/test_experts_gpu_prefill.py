@@ -82,18 +82,16 @@ def test_groups_runs_and_page_spans():
     assert egp.expert_groups(used, 10, budget=25) == [[0, 1], [2, 5], [6, 9]]
     assert egp.expert_groups(used, 10, budget=5) == [[e] for e in used]  # one expert at least
     assert egp.runs(used) == [(0, 3), (5, 7), (9, 10)]
-    buf = np.zeros(6 * 4096, np.uint8)
+    m = mmap.mmap(-1, 8 * 4096)  # page-aligned, so the expected spans are literal
+    buf = np.frombuffer(m, np.uint8)
     base = buf.ctypes.data
-    a, b, c = buf[100:5000], buf[5000:8192], buf[4 * 4096 + 8:5 * 4096]
-    spans = page_spans([c, b, a], page=4096)
-    # a and b touch: their bytes [100, 8192) are one range; c's [16392, 20480) another; each rounded
-    # in to the whole pages it covers (a page holding any other byte is never locked)
-    def whole(s, e):
-        return -(-(base + s) // 4096) * 4096, (base + e) // 4096 * 4096
-
-    want = [r for r in (whole(100, 8192), whole(4 * 4096 + 8, 5 * 4096)) if r[1] > r[0]]
-    assert spans == want and all(e - s >= 4096 for s, e in spans)
+    assert base % 4096 == 0
+    a, b, c = buf[100:5000], buf[5000:8192], buf[4 * 4096 + 8:7 * 4096]
+    # a and b touch: their bytes [100, 8192) are one range, of which page 1 is whole (page 0 holds
+    # 100 other bytes: never locked); c's [16392, 28672): pages 5-6
+    assert page_spans([c, b, a], page=4096) == [(base + 4096, base + 8192), (base + 5 * 4096, base + 7 * 4096)]
     assert page_spans([buf[10:4000]], page=4096) == []  # inside one page that holds other bytes
+    assert page_spans([buf[:4096], buf[4096:8192]], page=4096) == [(base, base + 8192)]  # merged
 
 
 @pytest.mark.parametrize("fused", [True, False])
