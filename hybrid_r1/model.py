@@ -202,7 +202,7 @@ class MLA(nn.Module):
 def padded_flash(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether SDPA's flash kernel takes these queries and keys with values padded to their head dim.
     Why pad: flash needs one head dim for q, k and v, and MLA's are 192 / 128, so unpadded SDPA falls
-    back to its memory-efficient kernel, measured ~3x slower at 8K-32K tokens on an H200
+    back to its memory-efficient kernel, measured ~4x slower at 8K-32K tokens on an H200
     (benchmarks/results/prefill_attention_h200.md); the zero columns cost 20% more products."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
