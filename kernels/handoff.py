@@ -118,6 +118,6 @@ def collect(hout: torch.Tensor, beside: torch.Tensor | None, seq: torch.Tensor, 
     if beside is not None:
         assert beside.shape == out.shape and beside.is_contiguous()
     _collect_kernel[(1,)](hout, beside if beside is not None else out, out, seq, ctrl, out.numel(), timeout_ns,
-                          POLL_SLEEP_NS, HAS_BESIDE=beside is not None, DONE=layout["done"], ERR=layout["err"], BLOCK=_BLOCK,
-                          num_warps=4)
+                          POLL_SLEEP_NS, HAS_BESIDE=beside is not None, DONE=layout["done"], ERR=layout["err"],
+                          BLOCK=_BLOCK, num_warps=4)
     return out

@@ -42,13 +42,17 @@ class OverlappedGGMLExperts(GGMLExperts):
                 beside: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         if self.weights is None:
             raise RuntimeError("GGMLExperts: load_weights first")
-        n = x.shape[0]
-        on_gpu = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
-        if self.hands_over(x) and 1 <= n <= MAX_TOKENS and not on_gpu:
+        if self.takes_handoff(x, topk_idx):
             worker, slot = self._handoff(topk_idx.shape[1], x.dtype, x.device)
             return handoff.overlapped(worker, slot, x, topk_idx, topk_w, beside, self.overlap_timeout_s)
         y = super().forward(x, topk_idx, topk_w)
         return y if beside is None else y + beside()
+
+    def takes_handoff(self, x: torch.Tensor, topk_idx: torch.Tensor) -> bool:
+        """Whether this call hands over: from a GPU, 1..MAX_TOKENS tokens, not streamed for prefill."""
+        n = x.shape[0]
+        streamed = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
+        return self.hands_over(x) and 1 <= n <= MAX_TOKENS and not streamed
 
     @staticmethod
     def hands_over(x: torch.Tensor) -> bool:

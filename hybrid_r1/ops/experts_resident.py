@@ -25,7 +25,7 @@ import torch
 
 from .. import handoff
 from .experts_ggml import GGMLExperts
-from .experts_ggml_overlap import MAX_TOKENS, OverlappedGGMLExperts
+from .experts_ggml_overlap import OverlappedGGMLExperts
 from .experts_int8 import Int8GPUExperts
 
 
@@ -94,13 +94,19 @@ class ResidentGGMLExperts(GGMLExperts):
         if not (x.is_cuda and x.shape[0] <= self.chunk_tokens and self.resident is not None) or streamed:
             y = super().forward(x, topk_idx, topk_w)
             return y if beside is None else y + beside()
+        cpu_idx, cpu_w, gpu_part = self._split(x, topk_idx, topk_w, beside)
+        return self._from_gpu(x, cpu_idx, cpu_w, gpu_part)
+
+    def _split(self, x, topk_idx, topk_w, beside):
+        """(cpu_idx, cpu_w, gpu_part): the CPU side's routing and the GPU side's work, whose fp32
+        result (resident experts, plus `beside`) is launched while the CPU computes."""
         cpu_idx, cpu_w, gpu_idx, gpu_w = split_slots(topk_idx, topk_w, self._slot_of, self._cold)
 
-        def gpu_part() -> torch.Tensor:  # launched after the host sync: runs while ggml computes
+        def gpu_part() -> torch.Tensor:
             y = self.resident(x, gpu_idx, gpu_w).float()
             return y if beside is None else y + beside().float()
 
-        return self._from_gpu(x, cpu_idx, cpu_w, gpu_part)
+        return cpu_idx, cpu_w, gpu_part
 
     def extra_repr(self) -> str:
         n = self.resident.n_experts if self.resident is not None else min(self.gpu_count, self.n_experts)
@@ -118,15 +124,8 @@ class OverlappedResidentGGMLExperts(ResidentGGMLExperts, OverlappedGGMLExperts):
     host_work = True
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, beside=None) -> torch.Tensor:
-        n = x.shape[0]
-        streamed = self.prefill is not None and self.use_gpu(n, topk_idx.shape[1])
-        if self.resident is None or streamed or not (self.hands_over(x) and 1 <= n <= MAX_TOKENS):
+        if self.resident is None or not self.takes_handoff(x, topk_idx):
             return ResidentGGMLExperts.forward(self, x, topk_idx, topk_w, beside)
-        cpu_idx, cpu_w, gpu_idx, gpu_w = split_slots(topk_idx, topk_w, self._slot_of, self._cold)
-
-        def gpu_part() -> torch.Tensor:  # queued after the hand-over's submit: runs while the CPU computes
-            y = self.resident(x, gpu_idx, gpu_w).float()
-            return y if beside is None else y + beside().float()
-
+        cpu_idx, cpu_w, gpu_part = self._split(x, topk_idx, topk_w, beside)  # queued after the submit
         worker, slot = self._handoff(topk_idx.shape[1], x.dtype, x.device)
         return handoff.overlapped(worker, slot, x, cpu_idx, cpu_w, gpu_part, self.overlap_timeout_s)

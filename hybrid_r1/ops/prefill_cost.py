@@ -4,7 +4,8 @@ The choice compares two estimated times from a machine profile, per MoE layer:
 - CPU: the engine's measured ms per layer at a few token counts (a table per engine, as
   bench_prefill.py measures it; ggml's by default, and an engine without a table is costed as
   ggml: kt-kernel's LLAMAFILE table from CPU inputs, 129 ms at 128 tokens, did not hold in the
-  model, where it took ~145 ms a layer against the stream's ~113), linear between the points and along the last segment beyond;
+  model, where it took ~145 ms a layer against the stream's ~113), linear between the points and
+  along the last segment beyond;
 - GPU: the used experts' bytes / (pinned host-to-GPU bandwidth x the share of it the stream reaches),
   plus a fixed cost per call; the products run under the copy (experts_gpu_prefill.py), so only the
   longer of copy and compute counts. The used experts of T tokens routing to k of E each are
