@@ -216,10 +216,14 @@ def compare_engines(args, src: TiledSource, layer_gb: float) -> str:
              f"- THP mode: {hugepages.thp_mode()}; engines installed: {', '.join(cpu_engines.installed())}"]
     print("\n".join(notes), file=sys.stderr)
     rows = []
+    from hybrid_r1 import cpu_kernels
+
+    prefetch = cpu_kernels.PREFETCH  # the default, for configs without +pfN
     for spec in args.compare:
         parts = spec.split("+")
         engine, pin, where = parts[0], "pin" in parts, "hp" if "hp" in parts else "mmap"
         poll = 50 if "poll" in parts else args.poll
+        cpu_kernels.PREFETCH = next((int(p[2:]) for p in parts if p.startswith("pf")), prefetch)  # native's
         ops = []
         for layer in range(args.layers):
             op = GGMLExperts(args.experts, H, I, threads=threads, chunk_tokens=args.chunk_tokens, poll=poll,
@@ -277,8 +281,8 @@ def compare_engines(args, src: TiledSource, layer_gb: float) -> str:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "engine config: engine[+pin: ggml threads pinned one per physical core][+poll: ggml workers spin "
-        "(poll 50, as the GPU rules set)]; GB read: the used experts' gate+up+down, each once; "
+        "engine config: engine[+pin: threads pinned one per physical core][+poll: ggml workers spin "
+        "(poll 50, as the GPU rules set)][+pfN: native's dot products prefetch N bytes ahead]; GB read: the used experts' gate+up+down, each once; "
         "ms: median over calls; read bound: int64 sum over that memory's expert bytes just before and just after "
         "the config's rows.",
         "",
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where --backing file writes (deleted at exit)")
     p.add_argument("--compare", nargs="+", metavar="CONFIG",
                    help="compare engine configs instead (e.g. ggml ggml+pin kt_llamafile ggml+hp): "
-                        "engine[+pin][+poll][+hp], on --backing file bytes and their huge-page copy (+hp)")
+                        "engine[+pin][+poll][+pfN][+hp], on --backing file bytes and their huge-page copy (+hp)")
     p.add_argument("--madvise", action="store_true", help="with --compare: then try MADV_HUGEPAGE/COLLAPSE on the mmap")
     args = p.parse_args(argv)
 

@@ -16,14 +16,20 @@ An engine declares the GGML types it computes (`types`), says why it cannot run 
                   within ggml's own rounding in tests/test_cpu_engines.py; it aborts the process on
                   IQ4_NL, IQ3_*, Q4_1, Q5_1, and errs 4% on IQ4_XS, so those never reach it).
                   Activations go in as float32, like ggml's: the same Q8_K rounding, the same bound.
+    native        this project's own kernel (kernels/cpu_experts.c, cpu_kernels.py): Q4_K and Q6_K,
+                  built on first use by the system C compiler; the same Q8_K rounding as ggml.
 
 `auto` takes the first engine of FASTEST_FIRST that is installed and was measured faster on all
 three of a layer's types (`measured`), so ggml for any type the others cannot run or were not
-measured on. The measurement is benchmarks/results/experts_cpu_engines.md (the device host's Xeon,
-same bytes, fresh routing): kt_llamafile beat ggml on Q4_K gate/up + Q6_K down (the Q4_K_M mix) at
-decode and 1.4-2.1x from 128 tokens; its other types run when a rule names it.
+measured on. The measurements (the device host's Xeon, same bytes, fresh routing): native read a
+decode call's experts at 103-109 GB/s, 1.3-1.5x kt_llamafile and 1.6x ggml, and stays ahead to 64
+tokens, kt 1.4x ahead at 128 (benchmarks/results/experts_cpu_native.md), so auto runs native up to
+96 tokens a call and the next engine above (AutoNativeEngine); kt_llamafile beat ggml on Q4_K
+gate/up + Q6_K down (the Q4_K_M mix) at decode and 1.4-2.1x from 128 tokens
+(benchmarks/results/experts_cpu_engines.md); its other types run when a rule names it.
 
-Nothing optional is imported at module import: kt-kernel is imported by `missing()` on first use.
+Nothing optional is imported or built at module import: kt-kernel is imported, and the native
+kernel built, by `missing()` on first use.
 """
 
 from __future__ import annotations
@@ -41,11 +47,11 @@ from typing import ClassVar
 
 import torch
 
-from . import ggml_lib
+from . import cpu_kernels, ggml_lib
 from .errors import HybridR1Error
 
-ENGINE_NAMES = ("auto", "ggml", "ggml_numa", "kt_llamafile")
-FASTEST_FIRST = ("kt_llamafile", "ggml")  # benchmarks/results/experts_cpu_engines.md
+ENGINE_NAMES = ("auto", "ggml", "ggml_numa", "kt_llamafile", "native")
+FASTEST_FIRST = ("native", "kt_llamafile", "ggml")  # benchmarks/results/experts_cpu_native.md, _engines.md
 KT_INSTALL = ("pip install --no-deps kt-kernel==0.7.2 (cp311/cp312 wheels; without its torch pin: "
               "it runs on the installed torch)")
 
@@ -80,6 +86,17 @@ class CPUEngine:
     def run(self, ex: ggml_lib.Executor, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """float32 [T, hidden], valid until the next run of any layer (caller holds ex.lock)."""
         raise NotImplementedError
+
+    def checks_ids(self, tokens: int) -> bool:
+        """Whether a call of `tokens` tokens refuses expert ids out of range itself (ValueError,
+        nothing written), so the caller need not look at them first."""
+        return False
+
+    def run_into(self, ex: ggml_lib.Executor, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        """run() written into `out` (any float dtype, [T, hidden]): engines that can write there
+        directly skip the copy."""
+        return out.copy_(self.run(ex, x, ids, w))
 
 
 class GGMLEngine(CPUEngine):
@@ -269,8 +286,72 @@ class KTLlamafileEngine(CPUEngine):
         return self._out
 
 
+class NativeEngine(CPUEngine):
+    """This project's own kernel (kernels/cpu_experts.c through cpu_kernels.py): Q4_K and Q6_K,
+    activations rounded to Q8_K as ggml rounds them, rows claimed from a shared counter by a pool of
+    threads (the calling thread one of them) of the executor the operator hands in: its count and,
+    with `pin: true`, its CPUs (worker i on the i-th, the caller where it is).
+
+    `up_to`: calls of more tokens go to `above`, the fastest other engine for the layer's types
+    (auto's choice: the kernel dots one row with one token at a time, which wins while a call reads
+    more than it computes; kt-kernel's tiled GEMM wins from ~100 tokens)."""
+
+    name = "native"
+    types = cpu_kernels.TYPES
+    up_to: ClassVar[int | None] = None
+
+    @classmethod
+    def missing(cls) -> str | None:
+        return cpu_kernels.missing()
+
+    @classmethod
+    def auto_runs(cls, types: tuple[int, int, int]) -> bool:  # the portable C path is not the fast one
+        return super().auto_runs(types) and cpu_kernels.simd()
+
+    @classmethod
+    def above(cls, types: tuple[int, int, int]) -> type[CPUEngine]:
+        return _fastest(types, skip=cls.name)
+
+    def __init__(self, weights: ggml_lib.ExpertWeights, threads: int, max_tokens: int, n_used: int):
+        self.weights = weights
+        self._out = torch.empty(0)
+        self._above = (self.above(weights.types)(weights, threads, max_tokens, n_used)
+                       if self.up_to is not None and max_tokens > self.up_to else None)
+
+    def _hands_up(self, ids: torch.Tensor) -> bool:
+        return self._above is not None and ids.shape[0] > self.up_to
+
+    def checks_ids(self, tokens: int) -> bool:  # the kernel returns an error before it reads a row
+        return self._above is None or tokens <= self.up_to
+
+    def run(self, ex, x, ids, w):
+        if self._hands_up(ids):
+            return self._above.run(ex, x, ids, w)
+        if self._out.shape != x.shape:
+            self._out = torch.empty(x.shape, dtype=torch.float32)
+        return self.run_into(ex, x, ids, w, self._out)
+
+    def run_into(self, ex, x, ids, w, out):
+        if self._hands_up(ids):
+            return self._above.run_into(ex, x, ids, w, out)
+        direct = out.dtype in cpu_kernels.FLOATS and out.is_contiguous()
+        target = out if direct else torch.empty(out.shape, dtype=torch.float32)
+        x = x if x.dtype in cpu_kernels.FLOATS and x.is_contiguous() else x.to(torch.float32).contiguous()
+        cpu_kernels.pool(ex.n_threads, ex.cpus).moe(self.weights, x, ids.to(torch.int64).contiguous(),
+                                                     w.to(torch.float32).contiguous(), target)
+        return out if direct else out.copy_(target)
+
+
+class AutoNativeEngine(NativeEngine):
+    """auto's choice where the native kernel has its SIMD path: native for calls of up to 96 tokens
+    (decode; faster than kt-kernel and ggml at 1, 8, 32 and 64 tokens), the next engine above
+    (kt-kernel 1.4x faster at 128: benchmarks/results/experts_cpu_native.md)."""
+
+    up_to = 96
+
+
 ENGINES: dict[str, type[CPUEngine]] = {"ggml": GGMLEngine, "ggml_numa": GGMLNumaEngine,
-                                       "kt_llamafile": KTLlamafileEngine}
+                                       "kt_llamafile": KTLlamafileEngine, "native": NativeEngine}
 
 
 def installed() -> list[str]:
@@ -296,10 +377,19 @@ def choose(name: str, types: tuple[int, int, int]) -> tuple[type[CPUEngine], str
             runs = ", ".join(sorted(ggml_lib.type_name(t) for t in cls.types or ()))
             raise EngineError(f"engine {name} runs {runs}, not {shown} (engine: ggml or auto runs any type)")
         return cls, "engine: " + name
+    cls = _fastest(types)
+    if cls is NativeEngine:
+        above = AutoNativeEngine.above(types).name
+        return AutoNativeEngine, f"auto: native up to {AutoNativeEngine.up_to} tokens a call, {above} above, for {shown}"
+    return cls, f"auto: the fastest installed engine for {shown}"
+
+
+def _fastest(types: tuple[int, int, int], skip: str = "") -> type[CPUEngine]:
+    """The first engine of FASTEST_FIRST (but `skip`) that auto may pick for these types and can run here."""
     for n in FASTEST_FIRST:
         cls = ENGINES[n]
-        if cls.auto_runs(types) and cls.missing() is None:
-            return cls, f"auto: the fastest installed engine for {shown}"
+        if n != skip and cls.auto_runs(types) and cls.missing() is None:
+            return cls
     raise AssertionError("ggml runs every type")  # GGMLEngine.types is None
 
 

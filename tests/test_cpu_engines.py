@@ -18,16 +18,30 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from test_experts_ggml import (ACT_BOUND, PREFIX, E, H, I, K, FakeSource, emulated, expert_tensors, load_pair, rel,
-                               routing)
+from test_experts_ggml import (
+    ACT_BOUND,
+    PREFIX,
+    E,
+    FakeSource,
+    H,
+    I,
+    K,
+    emulated,
+    expert_tensors,
+    load_pair,
+    rel,
+    routing,
+)
 
-from hybrid_r1 import cpu_engines, ggml_lib, hugepages
+from hybrid_r1 import cpu_engines, cpu_kernels, ggml_lib, hugepages
 from hybrid_r1.errors import CheckpointError
 from hybrid_r1.ops.base import OpArgsError
 from hybrid_r1.ops.experts_ggml import GGMLArgs, GGMLExperts
 from hybrid_r1.placement import RuleError, parse_rules
 
 KT_MISSING = cpu_engines.KTLlamafileEngine.missing()
+NATIVE_MISSING = cpu_engines.NativeEngine.missing()
+needs_native = pytest.mark.skipif(NATIVE_MISSING is not None, reason=f"no native kernel: {NATIVE_MISSING}")
 needs_kt = pytest.mark.skipif(KT_MISSING is not None, reason=f"kt-kernel absent: {KT_MISSING}")
 Q4_K_M = (QT.Q4_K, QT.Q4_K, QT.Q6_K)
 
@@ -35,7 +49,8 @@ Q4_K_M = (QT.Q4_K, QT.Q4_K, QT.Q6_K)
 def _engine_types():
     # ggml's every type is covered by test_experts_ggml.py; here the types both engines run
     return [("ggml", n) for n in ("Q4_K", "Q6_K", "Q8_0")] + [
-        pytest.param("kt_llamafile", QT(t).name, marks=needs_kt) for t in sorted(cpu_engines.KT_TYPES)]
+        pytest.param("kt_llamafile", QT(t).name, marks=needs_kt) for t in sorted(cpu_engines.KT_TYPES)] + [
+        pytest.param("native", QT(t).name, marks=needs_native) for t in sorted(cpu_engines.NativeEngine.types)]
 
 
 @pytest.mark.parametrize("engine, name", _engine_types())
@@ -104,18 +119,15 @@ def test_kt_is_imported_only_when_a_layer_loads():
     assert done.returncode == 0 and done.stdout == "False\n", done.stderr
 
 
-@needs_kt
-def test_kt_releases_the_gil():
-    op, _ = load_pair(expert_tensors(Q4_K_M, seed=51), threads=1, engine="kt_llamafile")
-    x, idx, w = torch.randn(256, H), torch.randint(0, E, (256, K)), torch.rand(256, K)
-    op(x, idx, w)
-    done, ticks = threading.Event(), [0]
-    spent = []
+def assert_releases_the_gil(call, calls: int = 3, min_s: float = 0.01) -> None:
+    """`call` run `calls` times on a thread while this one counts: a call holding the GIL throughout
+    would leave the loop at most a few switch intervals."""
+    done, ticks, spent = threading.Event(), [0], []
 
     def work():
         t0 = time.perf_counter()
-        for _ in range(3):
-            op(x, idx, w)
+        for _ in range(calls):
+            call()
         spent.append(time.perf_counter() - t0)
         done.set()
 
@@ -124,12 +136,25 @@ def test_kt_releases_the_gil():
     while not done.is_set():
         ticks[0] += 1
     th.join()
-    # a thread holding the GIL for the whole call would leave the loop at most a few switch intervals
-    assert spent[0] > 0.01 and ticks[0] > 1000, f"{ticks[0]} ticks during {spent[0] * 1e3:.0f} ms in kt"
+    assert spent[0] > min_s and ticks[0] > 1000, f"{ticks[0]} ticks during {spent[0] * 1e3:.1f} ms of calls"
+
+
+@needs_kt
+def test_kt_releases_the_gil():
+    op, _ = load_pair(expert_tensors(Q4_K_M, seed=51), threads=1, engine="kt_llamafile")
+    x, idx, w = torch.randn(256, H), torch.randint(0, E, (256, K)), torch.rand(256, K)
+    op(x, idx, w)
+    assert_releases_the_gil(lambda: op(x, idx, w))
 
 
 def test_auto_picks_the_fastest_installed_engine_for_the_types(monkeypatch):
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
+    if NATIVE_MISSING is None and cpu_kernels.simd():  # native up to 96 tokens, the next engine above
+        cls, why = cpu_engines.choose("auto", Q4_K_M)
+        assert cls is cpu_engines.AutoNativeEngine and cls.name == "native" and cls.up_to == 96
+        assert f"native up to 96 tokens a call, {fast} above" in why
+        assert cpu_engines.choose("auto", (QT.Q8_0,) * 3)[0].name == "ggml"  # native does not run it
+        monkeypatch.setattr(cpu_kernels, "simd", lambda: False)  # the portable path: not auto's choice
     assert cpu_engines.choose("auto", Q4_K_M)[0].name == fast
     assert cpu_engines.choose("auto", (QT.IQ4_NL,) * 3)[0].name == "ggml"  # kt cannot run it
     assert cpu_engines.choose("auto", (QT.Q4_K, QT.Q4_K, QT.Q4_K))[0].name == fast  # the measured kernels
@@ -137,8 +162,28 @@ def test_auto_picks_the_fastest_installed_engine_for_the_types(monkeypatch):
     assert cpu_engines.choose("ggml", (QT.IQ4_NL,) * 3)[0].name == "ggml"
     monkeypatch.setattr(cpu_engines, "_kt", lambda: "kt-kernel is not installed (pip install ...)")
     assert cpu_engines.choose("auto", Q4_K_M)[0].name == "ggml"
-    assert cpu_engines.installed() == ["ggml"]
+    assert cpu_engines.installed() == (["native"] if NATIVE_MISSING is None else []) + ["ggml"]
     assert "not installed: kt_llamafile" in cpu_engines.describe_missing()
+
+
+@needs_native
+def test_auto_native_hands_calls_above_96_tokens_to_the_next_engine():
+    op, ref = load_pair(expert_tensors(Q4_K_M, seed=70), engine="native")
+    eng = cpu_engines.AutoNativeEngine(op.weights, 2, 1024, K)
+    fast = "kt_llamafile" if KT_MISSING is None else "ggml"
+    assert eng._above is not None and eng._above.name == fast
+    calls, run = [], eng._above.run
+    eng._above.run = lambda ex, x, i, w: calls.append(x.shape[0]) or run(ex, x, i, w)
+    gen = torch.Generator().manual_seed(70)
+    x = torch.randn(97, H, generator=gen)
+    idx, w = routing(97, K, E, gen)
+    ex = op._executor()
+    for T in (96, 97):
+        with ex.lock:
+            y = eng.run(ex, x[:T], idx[:T], w[:T]).clone()
+        assert rel(y, emulated(ref, Q4_K_M, x[:T], idx[:T], w[:T])) < 2e-3
+    assert calls == [97]  # 96 tokens on native, 97 on the next engine
+    assert cpu_engines.AutoNativeEngine(op.weights, 2, 96, K)._above is None  # chunks never exceed 96
 
 
 def test_an_engine_not_installed_is_a_typed_error_naming_the_rule(monkeypatch):
@@ -288,7 +333,11 @@ def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
     assert main(["plan", "--rules", "rules/int8-gpu-ggml-experts.yaml"]) == 0
     out = capsys.readouterr().out
-    assert f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K), layers 3-60" in out
+    if NATIVE_MISSING is None and cpu_kernels.simd():
+        assert (f"CPU experts engine: native (auto: native up to 96 tokens a call, {fast} above, for "
+                "Q4_K/Q4_K/Q6_K), layers 3-60") in out
+    else:
+        assert f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K), layers 3-60" in out
     rules = tmp_path / "r.yaml"
     rules.write_text("- name: '\\.mlp\\.experts$'\n  op: experts.ggml_cpu\n  device: cpu\n  args: {engine: ggml}\n")
     assert main(["plan", "--rules", str(rules)]) == 0

@@ -56,7 +56,7 @@ class GGMLArgs(OpArgs):
     hot_experts: str | None = None  # routing counts (hybrid-r1 calibrate) choosing them; else the first N
     gpu_device: str = "cuda"  # where the resident experts live
     gpu_scheme: Literal["block", "channel"] = "block"  # their INT8 scheme
-    engine: Literal["auto", "ggml", "ggml_numa", "kt_llamafile"] = "auto"  # cpu_engines.py; auto: the fastest
+    engine: Literal["auto", "ggml", "ggml_numa", "kt_llamafile", "native"] = "auto"  # cpu_engines.py; auto: the fastest
     pin: bool = False  # ggml threads pinned, one per physical core (ggml_lib.core_cpus)
     hugepages: bool = False  # copy the experts into anonymous 2 MiB pages at load (hugepages.py: RAM cost)
 
@@ -246,17 +246,18 @@ class GGMLExperts(Operator):
         hi.copy_(topk_idx, non_blocking=True)
         hw.copy_(topk_w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
-        check_call(hx, hi, hw, self.n_experts, self.hidden_size)
+        engine = self._engine_for(hi.shape[1])
+        check_call(hx, hi, hw, self.n_experts, self.hidden_size, ids=not engine.checks_ids(hi.shape[0]))
         ex = self._executor()
         if gpu_work is None:
             with ex.lock:
-                hy.copy_(self._run(ex, hx, hi, hw))
+                engine.run_into(ex, hx, hi, hw, hy)
             return hy.to(x.device, non_blocking=True)
         mode = torch.is_inference_mode_enabled()  # the helper thread writes the caller's tensors
 
         def on_host() -> None:
             with torch.inference_mode(mode), ex.lock:
-                hy.copy_(self._run(ex, hx, hi, hw))
+                engine.run_into(ex, hx, hi, hw, hy)
 
         done = _host_thread().submit(on_host)
         try:
@@ -283,11 +284,15 @@ class GGMLExperts(Operator):
     def _run(self, ex: ggml_lib.Executor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """These tokens on the chosen engine; returns float32 [T, hidden] that stays valid until the
         next call of any layer (caller holds ex.lock)."""
-        key = (self.threads, idx.shape[1])
+        return self._engine_for(idx.shape[1]).run(ex, x, idx, w)
+
+    def _engine_for(self, k: int) -> cpu_engines.CPUEngine:
+        """The engine instance for calls of top-k `k` (made on first use)."""
+        key = (self.threads, k)
         if self._engine_key != key:  # threads are set after load (threads.apply); kt sizes buffers by top-k
-            self._engine = self.engine_class(self.weights, self.threads, self.chunk_tokens, idx.shape[1])
+            self._engine = self.engine_class(self.weights, self.threads, self.chunk_tokens, k)
             self._engine_key = key
-        return self._engine.run(ex, x, idx, w)
+        return self._engine
 
     def extra_repr(self) -> str:
         types = "not loaded" if self.weights is None else "/".join(ggml_lib.type_name(t) for t in self.weights.types)

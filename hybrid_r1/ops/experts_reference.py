@@ -150,8 +150,10 @@ class DequantExperts(Operator):
         return out.to(x.device, x.dtype)
 
 
-def check_call(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: int, hidden: int) -> None:
-    """Shapes, and expert ids in range (`idx` on the CPU: ggml would write out of bounds)."""
+def check_call(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: int, hidden: int,
+               ids: bool = True) -> None:
+    """Shapes, and (ids) expert ids in range (`idx` on the CPU: ggml would write out of bounds; a
+    caller whose engine refuses bad ids itself skips that look, a decode step's few microseconds)."""
     if x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"x must be [tokens, {hidden}], got {list(x.shape)}")
     shape = idx.shape
@@ -159,7 +161,7 @@ def check_call(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: i
         raise ValueError(f"topk_idx and topk_w must both be [{x.shape[0]}, k], got {list(shape)} and {list(w.shape)}")
     if idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"topk_idx must be int64 or int32, got {idx.dtype}")
-    if shape[0]:
+    if shape[0] and ids:
         lo, hi = (v.item() for v in torch.aminmax(idx))
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"expert ids must lie in [0, {n_experts}), got {lo}..{hi}")

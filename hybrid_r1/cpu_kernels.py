@@ -1,0 +1,174 @@
+"""This project's own CPU expert kernel (kernels/cpu_experts.c, engine `native`): built with the
+system C compiler on first use, cached, loaded with ctypes, and wrapped as a thread pool.
+
+The library is compiled for the host it runs on (-march=native: AVX-512 VNNI where the CPU has
+it) into ~/.cache/hybrid_r1 (or $HYBRID_R1_CACHE), named by a hash of the source, the compiler,
+its flags and the CPU's model and flags, so a home folder shared by different machines keeps one
+build per machine. `portable=True` builds the plain-C path (-DHR1_SCALAR, no -march), which is what
+hosts without AVX-512 VNNI compute and what the tests compare the SIMD path with. A build is
+written under a temporary name and renamed, so processes building at once never load half a file.
+Nothing is built or loaded at import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+TYPES = frozenset({12, 14})  # Q4_K, Q6_K: the Q4_K_M mix's expert types
+SPIN_NS = 2_000_000  # idle workers spin 2 ms (a decode step's GPU gap between layers), then sleep
+# bytes ahead the dot products prefetch: decode on the device host's Xeon took 3.0 ms a layer with
+# the hardware prefetchers alone, 2.5 at 1 KiB and 2.2 at 4 KiB (benchmarks/results/experts_cpu_native.md)
+PREFETCH = 4096
+X_BF16, OUT_BF16 = 1, 2  # hr1_moe's flags
+FLOATS = (torch.float32, torch.bfloat16)
+ERRORS = {-1: "a weight type or width it does not compute", -2: "an expert id out of range", -3: "out of memory"}
+
+
+class KernelBuildError(RuntimeError):
+    """The C compiler is missing or failed: the engine is then not available (its reason)."""
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc)
+    if path is None:
+        raise KernelBuildError(f"no C compiler: {cc!r} is not on PATH (set CC)")
+    return path
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HYBRID_R1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hybrid_r1")
+    return Path(root)
+
+
+@functools.cache
+def library(portable: bool = False) -> ctypes.CDLL:
+    """The compiled kernel for this host (KernelBuildError if it cannot be built)."""
+    source = resources.files("hybrid_r1_kernels").joinpath("cpu_experts.c").read_bytes()
+    cc = _compiler()
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-pthread"] + (["-DHR1_SCALAR"] if portable else ["-march=native"])
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_key().encode()]))
+    folder = _cache_dir()
+    target = folder / f"cpu_experts-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # an unwritable home: a private folder for this process
+            folder = Path(tempfile.mkdtemp(prefix="hybrid_r1_"))
+            target = folder / target.name
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src = Path(tmp) / "cpu_experts.c"
+            src.write_bytes(source)
+            out = Path(tmp) / target.name
+            done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                raise KernelBuildError(f"{cc} could not build kernels/cpu_experts.c: "
+                                       + (done.stderr.strip().splitlines() or ["no message"])[-1])
+            os.replace(out, target)
+    lib = ctypes.CDLL(str(target))
+    lib.hr1_simd.restype = ctypes.c_int
+    lib.hr1_pool_new.restype = ctypes.c_void_p
+    lib.hr1_pool_new.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_long]
+    lib.hr1_pool_free.argtypes = [ctypes.c_void_p]
+    lib.hr1_pool_threads.restype = ctypes.c_int
+    lib.hr1_pool_threads.argtypes = [ctypes.c_void_p]
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.hr1_moe.restype = ctypes.c_int
+    lib.hr1_moe.argtypes = [p, p, p, p, i, i, i, i, i, i, i, i, p, p, p, p, i, i]
+    return lib
+
+
+def missing() -> str | None:
+    """Why the kernel cannot run here (no compiler, a failed build), or None."""
+    try:
+        library()
+    except KernelBuildError as e:
+        return str(e)
+    return None
+
+
+def simd() -> bool:
+    """Whether this host's build has the AVX-512 VNNI dot products (else the portable C path)."""
+    return bool(library().hr1_simd())
+
+
+class Pool:
+    """`threads` threads computing one call at a time: the caller's thread and threads-1 workers
+    (worker i pinned to cpus[i], wrapping, where given). Callers serialise calls (GGMLExperts' executor lock)."""
+
+    def __init__(self, threads: int, cpus: tuple[int, ...] | None = None, spin_ns: int = SPIN_NS,
+                 portable: bool = False):
+        self.lib = library(portable)
+        arr = (ctypes.c_int * max(1, threads - 1))(*(cpus[i % len(cpus)] for i in range(1, threads)) if cpus else ())
+        self.handle = self.lib.hr1_pool_new(threads, arr if cpus else None, spin_ns)
+        if not self.handle:
+            raise KernelBuildError(f"could not start {threads} kernel threads")
+        self.threads = self.lib.hr1_pool_threads(self.handle)
+        self.lock = threading.Lock()
+
+    def moe(self, weights, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+            prefetch: int | None = None) -> torch.Tensor:
+        """out[T, hidden] = the routed experts of x [T, hidden], ids [T, k] (int64), w [T, k]
+        (float32), all contiguous on the CPU; x and out float32 or bfloat16 (read and written as
+        they are: a GPU's pinned decode buffers need no conversion pass). prefetch: bytes ahead the
+        dot products prefetch (default PREFETCH). ValueError for ids out of range (nothing written)."""
+        T, k = ids.shape
+        if x.dtype not in FLOATS or out.dtype not in FLOATS or ids.dtype != torch.int64 or w.dtype != torch.float32:
+            raise TypeError(f"cpu_experts kernel: x/out float32 or bfloat16, ids int64, w float32; got "
+                            f"{x.dtype}, {out.dtype}, {ids.dtype}, {w.dtype}")
+        if not (x.shape == out.shape == (T, weights.hidden) and w.shape == ids.shape
+                and all(t.is_contiguous() for t in (x, ids, w, out))):
+            raise ValueError(f"cpu_experts kernel: x and out [{T}, {weights.hidden}], w like ids [{T}, {k}], "
+                             f"contiguous; got {list(x.shape)}, {list(out.shape)}, {list(w.shape)}")
+        flags = (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
+        prefetch = PREFETCH if prefetch is None else prefetch
+        rc = self.lib.hr1_moe(self.handle, *weights.addresses, *weights.types, weights.n_experts, weights.hidden,
+                              weights.intermediate, T, k, x.data_ptr(), ids.data_ptr(), w.data_ptr(),
+                              out.data_ptr(), prefetch, flags)
+        if rc == -2:
+            lo, hi = (v.item() for v in torch.aminmax(ids))
+            raise ValueError(f"expert ids must lie in [0, {weights.n_experts}), got {lo}..{hi}")
+        if rc:
+            raise ValueError(f"cpu_experts kernel: {ERRORS.get(rc, rc)}")
+        return out
+
+    def __del__(self):
+        handle, self.handle = getattr(self, "handle", None), None
+        if handle:
+            self.lib.hr1_pool_free(handle)
+
+
+_pools: dict[tuple, Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def pool(threads: int, cpus: tuple[int, ...] | None = None) -> Pool:
+    """The process's pool of these settings (made on first use, shared by every layer)."""
+    key = (threads, cpus)
+    with _pools_lock:
+        if key not in _pools:
+            _pools[key] = Pool(threads, cpus)
+        return _pools[key]
+
