@@ -188,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-poll-ns", type=int, nargs="+", default=[khandoff.POLL_SLEEP_NS],
                     help="overlapped runs, one per pause of the stream between looks at the done word")
     ap.add_argument("--threads", type=int, default=0, help="the CPU engine's threads (0: one per physical core)")
+    ap.add_argument("--native-spin-us", type=int, default=None,
+                    help="engine native: how long idle workers spin before they sleep (cpu_kernels.SPIN_NS)")
     ap.add_argument("--engine", default="ggml", help="the experts' CPU engine (cpu_engines.ENGINES: ggml, kt_llamafile, auto)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -200,6 +202,10 @@ def main(argv=None) -> int:
     tok = tokenizer(args.tokenizer)
     prompt = tok.encode_chat([{"role": "user", "content": PROMPT}])
 
+    if args.native_spin_us is not None:
+        from hybrid_r1 import cpu_kernels
+
+        cpu_kernels.SPIN_NS = args.native_spin_us * 1000
     threads = ggml_lib.physical_cores()
     dram = dram_read_gbs(threads)  # before the experts fill the RAM; same kind of memory (anonymous)
     torch.set_num_threads(threads)
@@ -215,15 +221,15 @@ def main(argv=None) -> int:
     compute_s = [0.0]
 
     def timed(op: GGMLExperts) -> None:
-        plain = op._run
+        plain = op._run_into
 
-        def run(ex, x, idx, w):
+        def run(ex, x, idx, w, out):
             t = time.perf_counter()
-            y = plain(ex, x, idx, w)
+            y = plain(ex, x, idx, w, out)
             compute_s[0] += time.perf_counter() - t
             return y
 
-        op._run = run  # the CPU engine's own time, the same engine and executor in both modes
+        op._run_into = run  # the CPU engine's own time, the same engine and executor in both modes
 
     for op in overlapped + serial:
         timed(op)

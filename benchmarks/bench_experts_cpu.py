@@ -224,6 +224,7 @@ def compare_engines(args, src: TiledSource, layer_gb: float) -> str:
         engine, pin, where = parts[0], "pin" in parts, "hp" if "hp" in parts else "mmap"
         poll = 50 if "poll" in parts else args.poll
         cpu_kernels.PREFETCH = next((int(p[2:]) for p in parts if p.startswith("pf")), prefetch)  # native's
+        cpu_kernels.VARIANT = "avx2" if "avx2" in parts else "native"
         ops = []
         for layer in range(args.layers):
             op = GGMLExperts(args.experts, H, I, threads=threads, chunk_tokens=args.chunk_tokens, poll=poll,
@@ -282,7 +283,8 @@ def compare_engines(args, src: TiledSource, layer_gb: float) -> str:
         *rows,
         "",
         "engine config: engine[+pin: threads pinned one per physical core][+poll: ggml workers spin "
-        "(poll 50, as the GPU rules set)][+pfN: native's dot products prefetch N bytes ahead]; GB read: the used experts' gate+up+down, each once; "
+        "(poll 50, as the GPU rules set)][+pfN: native's dot products prefetch N bytes ahead][+avx2: native's "
+        "AVX2 build (-march=haswell) on this host]; GB read: the used experts' gate+up+down, each once; "
         "ms: median over calls; read bound: int64 sum over that memory's expert bytes just before and just after "
         "the config's rows.",
         "",
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where --backing file writes (deleted at exit)")
     p.add_argument("--compare", nargs="+", metavar="CONFIG",
                    help="compare engine configs instead (e.g. ggml ggml+pin kt_llamafile ggml+hp): "
-                        "engine[+pin][+poll][+pfN][+hp], on --backing file bytes and their huge-page copy (+hp)")
+                        "engine[+pin][+poll][+pfN][+avx2][+hp], on --backing file bytes and their huge-page copy (+hp)")
     p.add_argument("--madvise", action="store_true", help="with --compare: then try MADV_HUGEPAGE/COLLAPSE on the mmap")
     args = p.parse_args(argv)
 

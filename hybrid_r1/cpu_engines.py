@@ -22,9 +22,10 @@ An engine declares the GGML types it computes (`types`), says why it cannot run 
 `auto` takes the first engine of FASTEST_FIRST that is installed and was measured faster on all
 three of a layer's types (`measured`), so ggml for any type the others cannot run or were not
 measured on. The measurements (the device host's Xeon, same bytes, fresh routing): native read a
-decode call's experts at 103-109 GB/s, 1.3-1.5x kt_llamafile and 1.6x ggml, and stays ahead to 64
-tokens, kt 1.4x ahead at 128 (benchmarks/results/experts_cpu_native.md), so auto runs native up to
-96 tokens a call and the next engine above (AutoNativeEngine); kt_llamafile beat ggml on Q4_K
+decode call's experts at 93-109 GB/s, 1.3-1.5x kt_llamafile and 1.4-1.6x ggml, and stays ahead of
+kt to 64 tokens (kt 7% ahead at 128) and of ggml to 256 (benchmarks/results/experts_cpu_native.md),
+so auto runs native up to 96 tokens a call (256 where kt is absent; 1 with the AVX2 build) and the
+next engine above (AutoNativeEngine); kt_llamafile beat ggml on Q4_K
 gate/up + Q6_K down (the Q4_K_M mix) at decode and 1.4-2.1x from 128 tokens
 (benchmarks/results/experts_cpu_engines.md); its other types run when a rule names it.
 
@@ -292,37 +293,42 @@ class NativeEngine(CPUEngine):
     threads (the calling thread one of them) of the executor the operator hands in: its count and,
     with `pin: true`, its CPUs (worker i on the i-th, the caller where it is).
 
-    `up_to`: calls of more tokens go to `above`, the fastest other engine for the layer's types
-    (auto's choice: the kernel dots one row with one token at a time, which wins while a call reads
-    more than it computes; kt-kernel's tiled GEMM wins from ~100 tokens)."""
+    `up_to()`: calls of more tokens go to `above`, the fastest other engine for the layer's types
+    (auto's choice, AutoNativeEngine: the kernel dots a row with at most 4 tokens at a time, which
+    wins while a call reads more than it computes; kt-kernel's tiled GEMM wins from ~100 tokens)."""
 
     name = "native"
     types = cpu_kernels.TYPES
-    up_to: ClassVar[int | None] = None
 
     @classmethod
     def missing(cls) -> str | None:
         return cpu_kernels.missing()
 
     @classmethod
-    def auto_runs(cls, types: tuple[int, int, int]) -> bool:  # the portable C path is not the fast one
-        return super().auto_runs(types) and cpu_kernels.simd()
+    def auto_runs(cls, types: tuple[int, int, int]) -> bool:  # where a SIMD path runs (plain C: never)
+        return super().auto_runs(types) and cpu_kernels.simd() > 0
 
     @classmethod
     def above(cls, types: tuple[int, int, int]) -> type[CPUEngine]:
         return _fastest(types, skip=cls.name)
 
+    @classmethod
+    def up_to(cls, types: tuple[int, int, int]) -> int | None:
+        """The most tokens a call computes here (None: all); more go to above(types)."""
+        return None
+
     def __init__(self, weights: ggml_lib.ExpertWeights, threads: int, max_tokens: int, n_used: int):
         self.weights = weights
         self._out = torch.empty(0)
+        self._up_to = self.up_to(weights.types)
         self._above = (self.above(weights.types)(weights, threads, max_tokens, n_used)
-                       if self.up_to is not None and max_tokens > self.up_to else None)
+                       if self._up_to is not None and max_tokens > self._up_to else None)
 
     def _hands_up(self, ids: torch.Tensor) -> bool:
-        return self._above is not None and ids.shape[0] > self.up_to
+        return self._above is not None and ids.shape[0] > self._up_to
 
     def checks_ids(self, tokens: int) -> bool:  # the kernel returns an error before it reads a row
-        return self._above is None or tokens <= self.up_to
+        return self._above is None or tokens <= self._up_to
 
     def run(self, ex, x, ids, w):
         if self._hands_up(ids):
@@ -343,11 +349,16 @@ class NativeEngine(CPUEngine):
 
 
 class AutoNativeEngine(NativeEngine):
-    """auto's choice where the native kernel has its SIMD path: native for calls of up to 96 tokens
-    (decode; faster than kt-kernel and ggml at 1, 8, 32 and 64 tokens), the next engine above
-    (kt-kernel 1.4x faster at 128: benchmarks/results/experts_cpu_native.md)."""
+    """auto's choice where the native kernel has a SIMD path: native for calls of up to UP_TO tokens,
+    the next engine above. Measured on the device host's Xeon (benchmarks/results/experts_cpu_native.md):
+    AVX-512 beat kt-kernel at 1-64 tokens (kt 7% faster at 128) and ggml at 1-256; the AVX2 build
+    (run on that Xeon, -march=haswell) beat both at decode (1 token) and lost to ggml from 8."""
 
-    up_to = 96
+    UP_TO = {(2, "kt_llamafile"): 96, (2, "ggml"): 256, (1, "kt_llamafile"): 1, (1, "ggml"): 1}
+
+    @classmethod
+    def up_to(cls, types: tuple[int, int, int]) -> int:
+        return cls.UP_TO[(cpu_kernels.simd(), cls.above(types).name)]
 
 
 ENGINES: dict[str, type[CPUEngine]] = {"ggml": GGMLEngine, "ggml_numa": GGMLNumaEngine,
@@ -379,8 +390,10 @@ def choose(name: str, types: tuple[int, int, int]) -> tuple[type[CPUEngine], str
         return cls, "engine: " + name
     cls = _fastest(types)
     if cls is NativeEngine:
-        above = AutoNativeEngine.above(types).name
-        return AutoNativeEngine, f"auto: native up to {AutoNativeEngine.up_to} tokens a call, {above} above, for {shown}"
+        n, above = AutoNativeEngine.up_to(types), AutoNativeEngine.above(types).name
+        simd = "AVX-512" if cpu_kernels.simd() == 2 else "AVX2"
+        return AutoNativeEngine, (f"auto: native ({simd}) up to {n} token{'s' * (n != 1)} a call, {above} above, "
+                                  f"for {shown}")
     return cls, f"auto: the fastest installed engine for {shown}"
 
 

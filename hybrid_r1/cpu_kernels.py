@@ -1,11 +1,12 @@
 """This project's own CPU expert kernel (kernels/cpu_experts.c, engine `native`): built with the
 system C compiler on first use, cached, loaded with ctypes, and wrapped as a thread pool.
 
-The library is compiled for the host it runs on (-march=native: AVX-512 VNNI where the CPU has
-it) into ~/.cache/hybrid_r1 (or $HYBRID_R1_CACHE), named by a hash of the source, the compiler,
-its flags and the CPU's model and flags, so a home folder shared by different machines keeps one
-build per machine. `portable=True` builds the plain-C path (-DHR1_SCALAR, no -march), which is what
-hosts without AVX-512 VNNI compute and what the tests compare the SIMD path with. A build is
+The library is compiled for the host it runs on into ~/.cache/hybrid_r1 (or $HYBRID_R1_CACHE),
+named by a hash of the source, the compiler, its flags and the CPU's model and flags, so a home
+folder shared by different machines keeps one build per machine. Variants (VARIANTS): "native"
+(-march=native: the AVX-512 VNNI dot products where the CPU has them, else AVX2, else plain C),
+"avx2" (-march=haswell: the AVX2 path on any AVX2 CPU, for comparing the two on one host) and
+"portable" (-DHR1_SCALAR: plain C, what the tests hold the SIMD paths to). A build is
 written under a temporary name and renamed, so processes building at once never load half a file.
 Nothing is built or loaded at import.
 """
@@ -26,7 +27,14 @@ from pathlib import Path
 import torch
 
 TYPES = frozenset({12, 14})  # Q4_K, Q6_K: the Q4_K_M mix's expert types
-SPIN_NS = 2_000_000  # idle workers spin 2 ms (a decode step's GPU gap between layers), then sleep
+# idle workers spin this long, then sleep on a futex (a waker costs them ~10-50 us, and a late
+# worker only joins late: rows are claimed, not assigned). Short, so that between two layers' calls
+# the cores are free for the threads that launch and wait for the GPU's part: a 4-layer decode step
+# on the device host took 8.9 ms at ~50 us against 9.5-11 ms at 0.1 and 2 ms in one run
+# (benchmarks/results/decode_overlap_native_spin*_h200.md).
+SPIN_NS = 50_000
+VARIANTS = {"native": ["-march=native"], "avx2": ["-march=haswell"], "portable": ["-DHR1_SCALAR"]}
+VARIANT = "native"  # what pool() builds (benchmarks set "avx2" to compare the paths on one host)
 # bytes ahead the dot products prefetch: decode on the device host's Xeon took 3.0 ms a layer with
 # the hardware prefetchers alone, 2.5 at 1 KiB and 2.2 at 4 KiB (benchmarks/results/experts_cpu_native.md)
 PREFETCH = 4096
@@ -62,11 +70,11 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def library(portable: bool = False) -> ctypes.CDLL:
+def library(variant: str = "native") -> ctypes.CDLL:
     """The compiled kernel for this host (KernelBuildError if it cannot be built)."""
     source = resources.files("hybrid_r1_kernels").joinpath("cpu_experts.c").read_bytes()
     cc = _compiler()
-    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-pthread"] + (["-DHR1_SCALAR"] if portable else ["-march=native"])
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-pthread", *VARIANTS[variant]]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_key().encode()]))
     folder = _cache_dir()
@@ -109,18 +117,19 @@ def missing() -> str | None:
     return None
 
 
-def simd() -> bool:
-    """Whether this host's build has the AVX-512 VNNI dot products (else the portable C path)."""
-    return bool(library().hr1_simd())
+def simd(variant: str = "native") -> int:
+    """The dot products a build runs here: 2 AVX-512 VNNI, 1 AVX2, 0 plain C."""
+    return int(library(variant).hr1_simd())
 
 
 class Pool:
     """`threads` threads computing one call at a time: the caller's thread and threads-1 workers
     (worker i pinned to cpus[i], wrapping, where given). Callers serialise calls (GGMLExperts' executor lock)."""
 
-    def __init__(self, threads: int, cpus: tuple[int, ...] | None = None, spin_ns: int = SPIN_NS,
-                 portable: bool = False):
-        self.lib = library(portable)
+    def __init__(self, threads: int, cpus: tuple[int, ...] | None = None, spin_ns: int | None = None,
+                 variant: str = "native"):
+        spin_ns = SPIN_NS if spin_ns is None else spin_ns
+        self.lib = library(variant)
         arr = (ctypes.c_int * max(1, threads - 1))(*(cpus[i % len(cpus)] for i in range(1, threads)) if cpus else ())
         self.handle = self.lib.hr1_pool_new(threads, arr if cpus else None, spin_ns)
         if not self.handle:
@@ -165,10 +174,10 @@ _pools_lock = threading.Lock()
 
 
 def pool(threads: int, cpus: tuple[int, ...] | None = None) -> Pool:
-    """The process's pool of these settings (made on first use, shared by every layer)."""
-    key = (threads, cpus)
+    """The process's pool of these settings and VARIANT (made on first use, shared by every layer)."""
+    key = (threads, cpus, VARIANT)
     with _pools_lock:
         if key not in _pools:
-            _pools[key] = Pool(threads, cpus)
+            _pools[key] = Pool(threads, cpus, variant=VARIANT)
         return _pools[key]
 

@@ -149,12 +149,15 @@ def test_kt_releases_the_gil():
 
 def test_auto_picks_the_fastest_installed_engine_for_the_types(monkeypatch):
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
-    if NATIVE_MISSING is None and cpu_kernels.simd():  # native up to 96 tokens, the next engine above
+    if NATIVE_MISSING is None and cpu_kernels.simd() > 0:  # native up to N tokens, the next engine above
         cls, why = cpu_engines.choose("auto", Q4_K_M)
-        assert cls is cpu_engines.AutoNativeEngine and cls.name == "native" and cls.up_to == 96
-        assert f"native up to 96 tokens a call, {fast} above" in why
+        n = {(2, "kt_llamafile"): 96, (2, "ggml"): 256}.get((cpu_kernels.simd(), fast), 1)
+        assert cls is cpu_engines.AutoNativeEngine and cls.name == "native" and cls.up_to(Q4_K_M) == n
+        assert f"up to {n} token" in why and f"a call, {fast} above" in why
         assert cpu_engines.choose("auto", (QT.Q8_0,) * 3)[0].name == "ggml"  # native does not run it
-        monkeypatch.setattr(cpu_kernels, "simd", lambda: False)  # the portable path: not auto's choice
+        monkeypatch.setattr(cpu_kernels, "simd", lambda variant="native": 1)  # AVX2: decode only
+        assert "native (AVX2) up to 1 token a call" in cpu_engines.choose("auto", Q4_K_M)[1]
+        monkeypatch.setattr(cpu_kernels, "simd", lambda variant="native": 0)  # plain C: never auto's
     assert cpu_engines.choose("auto", Q4_K_M)[0].name == fast
     assert cpu_engines.choose("auto", (QT.IQ4_NL,) * 3)[0].name == "ggml"  # kt cannot run it
     assert cpu_engines.choose("auto", (QT.Q4_K, QT.Q4_K, QT.Q4_K))[0].name == fast  # the measured kernels
@@ -167,8 +170,9 @@ def test_auto_picks_the_fastest_installed_engine_for_the_types(monkeypatch):
 
 
 @needs_native
-def test_auto_native_hands_calls_above_96_tokens_to_the_next_engine():
+def test_auto_native_hands_longer_calls_to_the_next_engine(monkeypatch):
     op, ref = load_pair(expert_tensors(Q4_K_M, seed=70), engine="native")
+    monkeypatch.setattr(cpu_engines.AutoNativeEngine, "up_to", classmethod(lambda cls, types: 96))
     eng = cpu_engines.AutoNativeEngine(op.weights, 2, 1024, K)
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
     assert eng._above is not None and eng._above.name == fast
@@ -333,8 +337,9 @@ def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
     assert main(["plan", "--rules", "rules/int8-gpu-ggml-experts.yaml"]) == 0
     out = capsys.readouterr().out
-    if NATIVE_MISSING is None and cpu_kernels.simd():
-        assert (f"CPU experts engine: native (auto: native up to 96 tokens a call, {fast} above, for "
+    if NATIVE_MISSING is None and cpu_kernels.simd() == 2:
+        n = 96 if fast == "kt_llamafile" else 256
+        assert (f"CPU experts engine: native (auto: native (AVX-512) up to {n} tokens a call, {fast} above, for "
                 "Q4_K/Q4_K/Q6_K), layers 3-60") in out
     else:
         assert f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K), layers 3-60" in out

@@ -59,9 +59,21 @@ def test_mixed_types_match_emulated_rounding(types):
         assert rel(y, emulated(ref, types, x, idx, w)) < 2e-3  # tests/test_experts_ggml.py's bound
 
 
-def test_simd_and_portable_builds_agree():
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+@pytest.mark.parametrize("variant", ["native", pytest.param("avx2", marks=pytest.mark.skipif(
+    not _has_avx2(), reason="this CPU has no AVX2"))])
+def test_simd_and_portable_builds_agree(variant):
     weights = _weights(MIXES[0], seed=62)
-    fast, plain = cpu_kernels.Pool(2), cpu_kernels.Pool(2, portable=True)
+    fast, plain = cpu_kernels.Pool(2, variant=variant), cpu_kernels.Pool(2, variant="portable")
+    assert cpu_kernels.simd("portable") == 0 and (variant != "avx2" or cpu_kernels.simd("avx2") == 1)
     gen = torch.Generator().manual_seed(63)
     x = torch.randn(5, H, generator=gen)
     idx, w = routing(5, K, E, gen)
@@ -144,11 +156,11 @@ def test_the_kernel_releases_the_gil():
 
 def test_build_is_cached_by_source_and_host(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_R1_CACHE", str(tmp_path))
-    lib = cpu_kernels.library.__wrapped__(portable=True)
+    lib = cpu_kernels.library.__wrapped__("portable")
     built = list(tmp_path.glob("cpu_experts-*.so"))
     assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # no staging left behind
     stamp = built[0].stat().st_mtime_ns
-    again = cpu_kernels.library.__wrapped__(portable=True)
+    again = cpu_kernels.library.__wrapped__("portable")
     assert list(tmp_path.glob("cpu_experts-*.so")) == built and built[0].stat().st_mtime_ns == stamp
     assert isinstance(lib, ctypes.CDLL) and again.hr1_simd() == 0
 

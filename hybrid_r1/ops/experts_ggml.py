@@ -246,18 +246,18 @@ class GGMLExperts(Operator):
         hi.copy_(topk_idx, non_blocking=True)
         hw.copy_(topk_w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
-        engine = self._engine_for(hi.shape[1])
-        check_call(hx, hi, hw, self.n_experts, self.hidden_size, ids=not engine.checks_ids(hi.shape[0]))
+        ids = not self._engine_for(hi.shape[1]).checks_ids(hi.shape[0])
+        check_call(hx, hi, hw, self.n_experts, self.hidden_size, ids=ids)
         ex = self._executor()
         if gpu_work is None:
             with ex.lock:
-                engine.run_into(ex, hx, hi, hw, hy)
+                self._run_into(ex, hx, hi, hw, hy)
             return hy.to(x.device, non_blocking=True)
         mode = torch.is_inference_mode_enabled()  # the helper thread writes the caller's tensors
 
         def on_host() -> None:
             with torch.inference_mode(mode), ex.lock:
-                engine.run_into(ex, hx, hi, hw, hy)
+                self._run_into(ex, hx, hi, hw, hy)
 
         done = _host_thread().submit(on_host)
         try:
@@ -285,6 +285,11 @@ class GGMLExperts(Operator):
         """These tokens on the chosen engine; returns float32 [T, hidden] that stays valid until the
         next call of any layer (caller holds ex.lock)."""
         return self._engine_for(idx.shape[1]).run(ex, x, idx, w)
+
+    def _run_into(self, ex: ggml_lib.Executor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+        """_run written into `out` (a decode call's pinned bf16 buffer: engines that can, write it directly)."""
+        return self._engine_for(idx.shape[1]).run_into(ex, x, idx, w, out)
 
     def _engine_for(self, k: int) -> cpu_engines.CPUEngine:
         """The engine instance for calls of top-k `k` (made on first use)."""
