@@ -22,7 +22,8 @@ An engine declares the GGML types it computes (`types`), says why it cannot run 
 `auto` takes the first engine of FASTEST_FIRST that is installed and was measured faster on all
 three of a layer's types (`measured`), so ggml for any type the others cannot run or were not
 measured on. The measurements (the device host's Xeon, same bytes, fresh routing): native read a
-decode call's experts at 93-109 GB/s, 1.3-1.5x kt_llamafile and 1.4-1.6x ggml, and stays ahead of
+decode call's experts at 85-107 GB/s, 1.06-1.45x faster than kt_llamafile and 1.36-1.63x than ggml,
+and stays ahead of
 kt to 64 tokens (kt 7% ahead at 128) and of ggml to 256 (benchmarks/results/experts_cpu_native.md),
 so auto runs native up to 96 tokens a call (256 where kt is absent; 1 with the AVX2 build) and the
 next engine above (AutoNativeEngine); kt_llamafile beat ggml on Q4_K
@@ -305,8 +306,8 @@ class NativeEngine(CPUEngine):
         return cpu_kernels.missing()
 
     @classmethod
-    def auto_runs(cls, types: tuple[int, int, int]) -> bool:  # where a SIMD path runs (plain C: never)
-        return super().auto_runs(types) and cpu_kernels.simd() > 0
+    def auto_runs(cls, types: tuple[int, int, int]) -> bool:  # where a SIMD path builds (plain C: never)
+        return super().auto_runs(types) and cls.missing() is None and cpu_kernels.simd() > 0
 
     @classmethod
     def above(cls, types: tuple[int, int, int]) -> type[CPUEngine]:
@@ -340,11 +341,12 @@ class NativeEngine(CPUEngine):
     def run_into(self, ex, x, ids, w, out):
         if self._hands_up(ids):
             return self._above.run_into(ex, x, ids, w, out)
-        direct = out.dtype in cpu_kernels.FLOATS and out.is_contiguous()
+        direct = out.device.type == "cpu" and out.dtype in cpu_kernels.FLOATS and out.is_contiguous()
         target = out if direct else torch.empty(out.shape, dtype=torch.float32)
-        x = x if x.dtype in cpu_kernels.FLOATS and x.is_contiguous() else x.to(torch.float32).contiguous()
-        cpu_kernels.pool(ex.n_threads, ex.cpus).moe(self.weights, x, ids.to(torch.int64).contiguous(),
-                                                     w.to(torch.float32).contiguous(), target)
+        x = x if x.device.type == "cpu" and x.dtype in cpu_kernels.FLOATS and x.is_contiguous() \
+            else x.to("cpu", torch.float32).contiguous()
+        cpu_kernels.pool(ex.n_threads, ex.cpus).moe(self.weights, x, ids.to("cpu", torch.int64).contiguous(),
+                                                     w.to("cpu", torch.float32).contiguous(), target)
         return out if direct else out.copy_(target)
 
 
@@ -354,7 +356,8 @@ class AutoNativeEngine(NativeEngine):
     AVX-512 beat kt-kernel at 1-64 tokens (kt 7% faster at 128) and ggml at 1-256; the AVX2 build
     (run on that Xeon, -march=haswell) beat both at decode (1 token) and lost to ggml from 8."""
 
-    UP_TO = {(2, "kt_llamafile"): 96, (2, "ggml"): 256, (1, "kt_llamafile"): 1, (1, "ggml"): 1}
+    UP_TO: ClassVar[dict[tuple[int, str], int]] = {(2, "kt_llamafile"): 96, (2, "ggml"): 256,
+                                                  (1, "kt_llamafile"): 1, (1, "ggml"): 1}
 
     @classmethod
     def up_to(cls, types: tuple[int, int, int]) -> int:
@@ -401,7 +404,7 @@ def _fastest(types: tuple[int, int, int], skip: str = "") -> type[CPUEngine]:
     """The first engine of FASTEST_FIRST (but `skip`) that auto may pick for these types and can run here."""
     for n in FASTEST_FIRST:
         cls = ENGINES[n]
-        if n != skip and cls.auto_runs(types) and cls.missing() is None:
+        if n != skip and cls.missing() is None and cls.auto_runs(types):
             return cls
     raise AssertionError("ggml runs every type")  # GGMLEngine.types is None
 

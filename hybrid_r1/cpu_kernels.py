@@ -29,9 +29,9 @@ import torch
 TYPES = frozenset({12, 14})  # Q4_K, Q6_K: the Q4_K_M mix's expert types
 # idle workers spin this long, then sleep on a futex (a waker costs them ~10-50 us, and a late
 # worker only joins late: rows are claimed, not assigned). Short, so that between two layers' calls
-# the cores are free for the threads that launch and wait for the GPU's part: a 4-layer decode step
-# on the device host took 8.9 ms at ~50 us against 9.5-11 ms at 0.1 and 2 ms in one run
-# (benchmarks/results/decode_overlap_native_spin*_h200.md).
+# the cores are left to the threads that launch and wait for the GPU's part; one noisy sweep on the
+# device host had its fastest 4-layer decode step at the shortest spin (8.93 ms; 9.46 at 2 ms):
+# benchmarks/results/decode_overlap_native_spin*_h200.md.
 SPIN_NS = 50_000
 VARIANTS = {"native": ["-march=native"], "avx2": ["-march=haswell"], "portable": ["-DHR1_SCALAR"]}
 VARIANT = "native"  # what pool() builds (benchmarks set "avx2" to compare the paths on one host)
@@ -69,33 +69,60 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-@functools.cache
 def library(variant: str = "native") -> ctypes.CDLL:
-    """The compiled kernel for this host (KernelBuildError if it cannot be built)."""
+    """The compiled kernel for this host (KernelBuildError if it cannot be built: the reason is
+    kept, so a failed build is not retried on every layer)."""
+    lib = _built(variant)
+    if isinstance(lib, str):
+        raise KernelBuildError(lib)
+    return lib
+
+
+@functools.cache
+def _built(variant: str) -> ctypes.CDLL | str:
+    try:
+        return _load(_build(variant))
+    except KernelBuildError as e:
+        return str(e)
+
+
+def _build(variant: str) -> Path:
     source = resources.files("hybrid_r1_kernels").joinpath("cpu_experts.c").read_bytes()
     cc = _compiler()
     flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-pthread", *VARIANTS[variant]]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_key().encode()]))
-    folder = _cache_dir()
-    target = folder / f"cpu_experts-{key.hexdigest()[:16]}.so"
-    if not target.exists():
+    name = f"cpu_experts-{key.hexdigest()[:16]}.so"
+    try:
+        return _compile(cc, flags, source, _cache_dir(), name)
+    except OSError:  # an unwritable cache folder: a private one for this process
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:  # an unwritable home: a private folder for this process
-            folder = Path(tempfile.mkdtemp(prefix="hybrid_r1_"))
-            target = folder / target.name
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src = Path(tmp) / "cpu_experts.c"
-            src.write_bytes(source)
-            out = Path(tmp) / target.name
-            done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
-                                  check=False)
-            if done.returncode != 0:
-                raise KernelBuildError(f"{cc} could not build kernels/cpu_experts.c: "
-                                       + (done.stderr.strip().splitlines() or ["no message"])[-1])
-            os.replace(out, target)
-    lib = ctypes.CDLL(str(target))
+            return _compile(cc, flags, source, Path(tempfile.mkdtemp(prefix="hybrid_r1_")), name)
+        except OSError as e:
+            raise KernelBuildError(f"no folder to build the kernel in: {e}") from None
+
+
+def _compile(cc: str, flags: list[str], source: bytes, folder: Path, name: str) -> Path:
+    target = folder / name
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src = Path(tmp) / "cpu_experts.c"
+        src.write_bytes(source)
+        out = Path(tmp) / name
+        done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            why = next((ln for ln in lines if "error" in ln), lines[-1])
+            raise KernelBuildError(f"{cc} could not build kernels/cpu_experts.c: {why.strip()}")
+        os.replace(out, target)  # whole or not at all, for processes building at once
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.hr1_simd.restype = ctypes.c_int
     lib.hr1_pool_new.restype = ctypes.c_void_p
     lib.hr1_pool_new.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_long]
@@ -117,9 +144,9 @@ def missing() -> str | None:
     return None
 
 
-def simd(variant: str = "native") -> int:
-    """The dot products a build runs here: 2 AVX-512 VNNI, 1 AVX2, 0 plain C."""
-    return int(library(variant).hr1_simd())
+def simd(variant: str | None = None) -> int:
+    """The dot products a build (default VARIANT) runs here: 2 AVX-512 VNNI, 1 AVX2, 0 plain C."""
+    return int(library(variant or VARIANT).hr1_simd())
 
 
 class Pool:
@@ -144,6 +171,8 @@ class Pool:
         they are: a GPU's pinned decode buffers need no conversion pass). prefetch: bytes ahead the
         dot products prefetch (default PREFETCH). ValueError for ids out of range (nothing written)."""
         T, k = ids.shape
+        if any(t.device.type != "cpu" for t in (x, ids, w, out)):
+            raise ValueError("cpu_experts kernel: x, ids, w and out must be on the CPU")
         if x.dtype not in FLOATS or out.dtype not in FLOATS or ids.dtype != torch.int64 or w.dtype != torch.float32:
             raise TypeError(f"cpu_experts kernel: x/out float32 or bfloat16, ids int64, w float32; got "
                             f"{x.dtype}, {out.dtype}, {ids.dtype}, {w.dtype}")
@@ -153,9 +182,10 @@ class Pool:
                              f"contiguous; got {list(x.shape)}, {list(out.shape)}, {list(w.shape)}")
         flags = (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
         prefetch = PREFETCH if prefetch is None else prefetch
-        rc = self.lib.hr1_moe(self.handle, *weights.addresses, *weights.types, weights.n_experts, weights.hidden,
-                              weights.intermediate, T, k, x.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                              out.data_ptr(), prefetch, flags)
+        with self.lock:  # one call at a time per pool (layers of different executors may share one)
+            rc = self.lib.hr1_moe(self.handle, *weights.addresses, *weights.types, weights.n_experts,
+                                  weights.hidden, weights.intermediate, T, k, x.data_ptr(), ids.data_ptr(),
+                                  w.data_ptr(), out.data_ptr(), prefetch, flags)
         if rc == -2:
             lo, hi = (v.item() for v in torch.aminmax(ids))
             raise ValueError(f"expert ids must lie in [0, {weights.n_experts}), got {lo}..{hi}")
@@ -171,13 +201,27 @@ class Pool:
 
 _pools: dict[tuple, Pool] = {}
 _pools_lock = threading.Lock()
+_fork_hook: list[bool] = []  # registered once, with the first pool
 
 
 def pool(threads: int, cpus: tuple[int, ...] | None = None) -> Pool:
     """The process's pool of these settings and VARIANT (made on first use, shared by every layer)."""
     key = (threads, cpus, VARIANT)
     with _pools_lock:
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forget_pools)
+            _fork_hook.append(True)
         if key not in _pools:
             _pools[key] = Pool(threads, cpus, variant=VARIANT)
         return _pools[key]
+
+
+def _forget_pools() -> None:
+    """In a forked child: the pools' threads did not come along (freeing them would wait forever),
+    so their handles are dropped and the child makes its own pools."""
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    for p in _pools.values():
+        p.handle = None
+    _pools.clear()
 

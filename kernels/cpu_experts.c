@@ -133,6 +133,13 @@ static inline float hsum256(__m256 v) {
     m = _mm_add_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
 }
+
+/* Q4_K's min term of one block, added to accm: sum_j m_j * (sum of x over sub-block j), times dmin * d_x */
+static inline __m256 q4k_mins(__m256 accm, const uint32_t sm[4], const act_block *a, float dmin) {
+    const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 2)));
+    const __m256i pm = _mm256_mullo_epi32(mins, _mm256_load_si256((const __m256i *)a->s32));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(dmin * a->d), accm);
+}
 #endif
 
 #ifdef HR1_AVX512
@@ -164,9 +171,7 @@ static float dot_q4_K(const uint8_t *row, const act_block *a, int nb, int pf) {
             sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dh, _mm512_permutexvar_epi32(idx[2 * h + 1], sc)));
         }
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(f16_to_f32(w->d) * a->d), acc);
-        const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 2)));
-        const __m256i pm = _mm256_mullo_epi32(mins, _mm256_load_si256((const __m256i *)a->s32));
-        accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(f16_to_f32(w->dmin) * a->d), accm);
+        accm = q4k_mins(accm, sm, a, f16_to_f32(w->dmin));
     }
     return _mm512_reduce_add_ps(acc) - hsum256(accm);
 }
@@ -229,7 +234,6 @@ static void dot4_q4_K(const uint8_t *row, const act_block *const xs[4], int nb, 
             s4[2 * h] = _mm512_permutexvar_epi32(idx[2 * h], sc);
             s4[2 * h + 1] = _mm512_permutexvar_epi32(idx[2 * h + 1], sc);
         }
-        const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 2)));
         const float d = f16_to_f32(w->d), dmin = f16_to_f32(w->dmin);
         for (int t = 0; t < 4; t++) {
             const act_block *a = xs[t] + i;
@@ -238,8 +242,7 @@ static void dot4_q4_K(const uint8_t *row, const act_block *const xs[4], int nb, 
                 sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(
                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_load_si512(a->q4 + 64 * v)), s4[v]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * a->d), acc[t]);
-            const __m256i pm = _mm256_mullo_epi32(mins, _mm256_load_si256((const __m256i *)a->s32));
-            accm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(dmin * a->d), accm[t]);
+            accm[t] = q4k_mins(accm[t], sm, a, dmin);
         }
     }
     for (int t = 0; t < 4; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum256(accm[t]);
@@ -308,9 +311,7 @@ static float dot_q4_K(const uint8_t *row, const act_block *a, int nb, int pf) {
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(ph, _mm256_set1_epi16(sc[2 * j + 1])));
         }
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(f16_to_f32(w->d) * a->d), acc);
-        const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 2)));
-        const __m256i pm = _mm256_mullo_epi32(mins, _mm256_load_si256((const __m256i *)a->s32));
-        accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(f16_to_f32(w->dmin) * a->d), accm);
+        accm = q4k_mins(accm, sm, a, f16_to_f32(w->dmin));
     }
     return hsum256(acc) - hsum256(accm);
 }
@@ -629,9 +630,11 @@ void *hr1_pool_new(int n, const int *cpus, long spin_ns) {
     for (int i = 1; i < n; i++) {
         p->cpu[i] = cpus ? cpus[i - 1] : -1;
         worker_arg *a = malloc(sizeof *a);
-        a->p = p;
-        a->i = i;
-        if (pthread_create(&p->th[i], NULL, worker, a) != 0) {
+        if (a) {
+            a->p = p;
+            a->i = i;
+        }
+        if (!a || pthread_create(&p->th[i], NULL, worker, a) != 0) {
             free(a);
             p->n = i;  /* the threads made so far are stopped by free */
             return p;
@@ -677,7 +680,11 @@ int hr1_moe(void *pv, const uint8_t *gate, const uint8_t *up, const uint8_t *dow
         j.stride[m] = j.row[m] * (size_t)(m == 2 ? hidden : inter);
     }
     if (T <= 0) return 0;
-    const size_t slots = (size_t)T * k;
+    const size_t slots = (size_t)T * (k > 0 ? k : 0);
+    if (slots == 0) {  /* no experts a token: the sum over none */
+        memset(out, 0, (size_t)T * hidden * (flags & OUT_BF16 ? 2 : 4));
+        return 0;
+    }
     for (size_t s = 0; s < slots; s++)
         if (ids[s] < 0 || ids[s] >= n_experts) return -2;
     const size_t nx = (size_t)T * (hidden / QK), nh = slots * (inter / QK);

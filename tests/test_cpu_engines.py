@@ -120,23 +120,26 @@ def test_kt_is_imported_only_when_a_layer_loads():
 
 
 def assert_releases_the_gil(call, calls: int = 3, min_s: float = 0.01) -> None:
-    """`call` run `calls` times on a thread while this one counts: a call holding the GIL throughout
-    would leave the loop at most a few switch intervals."""
-    done, ticks, spent = threading.Event(), [0], []
+    """`call` run `calls` times on a thread while this one counts its own loops that start and end
+    strictly inside one call: a call holding the GIL would leave none (a thread in C code that keeps
+    the GIL is never asked to give it up)."""
+    done, spans, ticks = threading.Event(), [], []
 
     def work():
-        t0 = time.perf_counter()
         for _ in range(calls):
+            t0 = time.perf_counter()
             call()
-        spent.append(time.perf_counter() - t0)
+            spans.append((t0, time.perf_counter()))
         done.set()
 
     th = threading.Thread(target=work)
     th.start()
     while not done.is_set():
-        ticks[0] += 1
+        ticks.append(time.perf_counter())
     th.join()
-    assert spent[0] > min_s and ticks[0] > 1000, f"{ticks[0]} ticks during {spent[0] * 1e3:.1f} ms of calls"
+    inside = sum(1 for t in ticks for a, b in spans if a + 1e-3 < t < b - 1e-3)
+    assert max(b - a for a, b in spans) > min_s and inside > 100, \
+        f"{inside} loops inside {len(spans)} calls of up to {max(b - a for a, b in spans) * 1e3:.1f} ms"
 
 
 @needs_kt

@@ -246,9 +246,10 @@ class GGMLExperts(Operator):
         hi.copy_(topk_idx, non_blocking=True)
         hw.copy_(topk_w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
-        ids = not self._engine_for(hi.shape[1]).checks_ids(hi.shape[0])
-        check_call(hx, hi, hw, self.n_experts, self.hidden_size, ids=ids)
         ex = self._executor()
+        with ex.lock:  # the engine is made under the lock its calls run under
+            ids = not self._engine_for(hi.shape[1]).checks_ids(hi.shape[0])
+        check_call(hx, hi, hw, self.n_experts, self.hidden_size, ids=ids)
         if gpu_work is None:
             with ex.lock:
                 self._run_into(ex, hx, hi, hw, hy)

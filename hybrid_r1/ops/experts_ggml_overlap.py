@@ -73,10 +73,10 @@ class OverlappedGGMLExperts(GGMLExperts):
     def _host_compute(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
         """On the worker thread: the serial path's compute on the pinned inputs (ids checked here
         unless the engine refuses bad ones itself: ggml would write out of bounds)."""
-        ids = not self._engine_for(idx.shape[1]).checks_ids(idx.shape[0])
-        check_call(x, idx, w, self.n_experts, self.hidden_size, ids=ids)
         ex = self._executor()  # the serial path's pool and lock (pinned or not)
         with ex.lock:
+            ids = not self._engine_for(idx.shape[1]).checks_ids(idx.shape[0])
+            check_call(x, idx, w, self.n_experts, self.hidden_size, ids=ids)
             self._run_into(ex, x, idx, w, out)
 
     def host_check(self) -> None:
