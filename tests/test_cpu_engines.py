@@ -340,10 +340,12 @@ def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
     fast = "kt_llamafile" if KT_MISSING is None else "ggml"
     assert main(["plan", "--rules", "rules/int8-gpu-ggml-experts.yaml"]) == 0
     out = capsys.readouterr().out
-    if NATIVE_MISSING is None and cpu_kernels.simd() == 2:
-        n = 96 if fast == "kt_llamafile" else 256
-        assert (f"CPU experts engine: native (auto: native (AVX-512) up to {n} tokens a call, {fast} above, for "
-                "Q4_K/Q4_K/Q6_K), layers 3-60") in out
+    if NATIVE_MISSING is None and cpu_kernels.simd() > 0:  # AVX-512: 96 / 256 tokens; AVX2: decode only
+        simd = cpu_kernels.simd()
+        n = (96 if fast == "kt_llamafile" else 256) if simd == 2 else 1
+        kind = "AVX-512" if simd == 2 else "AVX2"
+        assert (f"CPU experts engine: native (auto: native ({kind}) up to {n} token{'s' * (n != 1)} a call, {fast} "
+                "above, for Q4_K/Q4_K/Q6_K), layers 3-60") in out
     else:
         assert f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K), layers 3-60" in out
     rules = tmp_path / "r.yaml"
