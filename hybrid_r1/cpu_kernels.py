@@ -36,7 +36,8 @@ SPIN_NS = 50_000
 VARIANTS = {"native": ["-march=native"], "avx2": ["-march=haswell"], "portable": ["-DHR1_SCALAR"]}
 VARIANT = "native"  # what pool() builds (benchmarks set "avx2" to compare the paths on one host)
 # bytes ahead the dot products prefetch: decode on the device host's Xeon took 3.0 ms a layer with
-# the hardware prefetchers alone, 2.5 at 1 KiB and 2.2 at 4 KiB (benchmarks/results/experts_cpu_native.md)
+# the hardware prefetchers alone, 2.5 at 1 KiB and 2.2 at 4 KiB (benchmarks/results/experts_cpu_native_run1.md;
+# 2-16 KiB alike: experts_cpu_native_pf.md)
 PREFETCH = 4096
 X_BF16, OUT_BF16 = 1, 2  # hr1_moe's flags
 FLOATS = (torch.float32, torch.bfloat16)
