@@ -18,6 +18,7 @@ An engine declares the GGML types it computes (`types`), says why it cannot run 
                   Activations go in as float32, like ggml's: the same Q8_K rounding, the same bound.
     native        this project's own kernel (kernels/cpu_experts.c, cpu_kernels.py): Q4_K and Q6_K,
                   built on first use by the system C compiler; the same Q8_K rounding as ggml.
+    native_numa   native split across NUMA nodes like ggml_numa (never chosen by `auto`).
 
 `auto` takes the first engine of FASTEST_FIRST that is installed and was measured faster on all
 three of a layer's types (`measured`), so ggml for any type the others cannot run or were not
@@ -52,7 +53,7 @@ import torch
 from . import cpu_kernels, ggml_lib
 from .errors import HybridR1Error
 
-ENGINE_NAMES = ("auto", "ggml", "ggml_numa", "kt_llamafile", "native")
+ENGINE_NAMES = ("auto", "ggml", "ggml_numa", "kt_llamafile", "native", "native_numa")
 FASTEST_FIRST = ("native", "kt_llamafile", "ggml")  # benchmarks/results/experts_cpu_native.md, _engines.md
 KT_INSTALL = ("pip install --no-deps kt-kernel==0.7.2 (cp311/cp312 wheels; without its torch pin: "
               "it runs on the installed torch)")
@@ -119,15 +120,18 @@ class GGMLEngine(CPUEngine):
         return g.tensors["out"]
 
 
-class GGMLNumaEngine(CPUEngine):
-    """ggml, the layer's experts split into one contiguous range per NUMA node (numa.py): node p's
-    pool (its physical cores, pinned) computes the slots routed to its range, all nodes at once
-    (ggml releases the GIL), and the parts are summed. No weight is duplicated; each node reads
+class NumaEngine(CPUEngine):
+    """`inner`, the layer's experts split into one contiguous range per NUMA node (numa.py): node
+    p's pool (its physical cores, pinned) computes the slots routed to its range, all nodes at once
+    (the engines release the GIL), and the parts are summed. No weight is duplicated; each node reads
     only its range, which is local where its pages were first touched on that node."""
 
-    name = "ggml_numa"
-    types = None
+    inner: ClassVar[type[CPUEngine]]
     measured = frozenset()  # auto never picks it: one-node device host, not measured
+
+    @classmethod
+    def missing(cls) -> str | None:
+        return cls.inner.missing()
 
     def __init__(self, weights: ggml_lib.ExpertWeights, threads: int, max_tokens: int, n_used: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +146,8 @@ class GGMLNumaEngine(CPUEngine):
             mine = tuple(c for c in cpus if c in cores) or cpus  # one thread per physical core of the node
             part = ggml_lib.ExpertWeights(weights.gate[lo:hi], weights.up[lo:hi], weights.down[lo:hi],
                                           weights.types, weights.hidden, weights.intermediate)
-            self.parts.append((GGMLEngine(part, len(mine), max_tokens, n_used),
+            # the node's executor: its threads and CPUs (native makes its pinned pool from them) and lock
+            self.parts.append((self.inner(part, len(mine), max_tokens, n_used),
                                ggml_lib.executor(len(mine), 0, mine)))
         self.pool = ThreadPoolExecutor(len(self.parts)) if len(self.parts) > 1 else None
 
@@ -164,6 +169,14 @@ class GGMLNumaEngine(CPUEngine):
         if not outs:  # no tokens
             return torch.zeros((ids.shape[0], self.parts[0][0].weights.hidden))
         return functools.reduce(torch.add, outs)
+
+
+class GGMLNumaEngine(NumaEngine):
+    """ggml split across NUMA nodes (NumaEngine)."""
+
+    name = "ggml_numa"
+    types = None
+    inner = GGMLEngine
 
 
 # GGML type numbers kt-kernel 0.7.2's LLAMAFILE backend computes as ggml does (see the docstring)
@@ -364,8 +377,17 @@ class AutoNativeEngine(NativeEngine):
         return cls.UP_TO[(cpu_kernels.simd(), cls.above(types).name)]
 
 
+class NativeNumaEngine(NumaEngine):
+    """The native kernel split across NUMA nodes (NumaEngine): one pinned pool per node."""
+
+    name = "native_numa"
+    types = cpu_kernels.TYPES
+    inner = NativeEngine
+
+
 ENGINES: dict[str, type[CPUEngine]] = {"ggml": GGMLEngine, "ggml_numa": GGMLNumaEngine,
-                                       "kt_llamafile": KTLlamafileEngine, "native": NativeEngine}
+                                       "kt_llamafile": KTLlamafileEngine, "native": NativeEngine,
+                                       "native_numa": NativeNumaEngine}
 
 
 def installed() -> list[str]:

@@ -11,8 +11,8 @@ compute), and a node no token routes to skips the call. The per-node outputs
 sum to the full layer's (tests/test_cpu_engines.py checks this). Each node's part runs on a thread
 pool pinned to that node's CPUs, all parts at once, then the sum.
 
-`engine: ggml_numa` (cpu_engines.GGMLNumaEngine) runs it: one pinned ggml pool per node, tested
-with two nodes faked on one (tests/test_cpu_engines.py). Not measured: the lent machine's host has
+`engine: ggml_numa` / `native_numa` (cpu_engines.NumaEngine over ggml or the native kernel) runs
+it: one pinned pool per node, tested with two nodes faked on one (tests/test_cpu_engines.py). Not measured: the lent machine's host has
 one NUMA node. Where the pages live is up to the kernel: a GGUF's page cache sits on the node that
 read it first (its pages read from each node's threads, e.g. a warm-up call, or `numactl
 --interleave` for none); placing each range's pages on its node at load (a per-node copy, or

@@ -360,7 +360,9 @@ def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
     assert len(shown) == 1 and "layers 1-" in shown[0], lines
 
 
-def test_ggml_numa_engine_equals_ggml_with_two_nodes(monkeypatch):
+@pytest.mark.parametrize("split_name, whole_name", [("ggml_numa", "ggml"),
+                                                     pytest.param("native_numa", "native", marks=needs_native)])
+def test_numa_engine_equals_its_engine_with_two_nodes(monkeypatch, split_name, whole_name):
     """Two nodes faked as one CPU each (the machines here have one): each node's pinned pool
     computes its half of the experts, the sum equals the one-pool layer to fp32 summation order."""
     import typing
@@ -374,9 +376,9 @@ def test_ggml_numa_engine_equals_ggml_with_two_nodes(monkeypatch):
     monkeypatch.setattr(numa, "nodes", lambda: {0: (cpus[0],), 1: (cpus[1],)})
     monkeypatch.setattr(ggml_lib, "core_cpus", lambda: tuple(cpus))
     tensors = expert_tensors(Q4_K_M, seed=57)
-    whole, ref = load_pair(tensors, engine="ggml")
-    split, _ = load_pair(tensors, engine="ggml_numa")
-    assert cpu_engines.choose("auto", (QT.Q8_0,) * 3)[0].name != "ggml_numa"
+    whole, ref = load_pair(tensors, engine=whole_name)
+    split, _ = load_pair(tensors, engine=split_name)
+    assert cpu_engines.choose("auto", Q4_K_M)[0].name != split_name
     gen = torch.Generator().manual_seed(57)
     before = _thread_cpus()
     try:
@@ -389,6 +391,7 @@ def test_ggml_numa_engine_equals_ggml_with_two_nodes(monkeypatch):
             assert rel(y, emulated(ref, Q4_K_M, x, idx, w)) < 2e-3
         eng = split._engine
         assert [ex.cpus for _, ex in eng.parts] == [(cpus[0],), (cpus[1],)]
+        assert all(p.name == whole_name for p, _ in eng.parts)
         assert [p.weights.n_experts for p, _ in eng.parts] == [E // 2, E // 2]
         assert eng.parts[1][0].weights.gate.ctypes.data == tensors["gate"].data[E // 2:].ctypes.data  # no copy
         one = torch.tensor([[0, 1, 2, 3]])  # every slot on node 0: node 1 skips the call

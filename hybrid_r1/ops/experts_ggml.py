@@ -56,7 +56,7 @@ class GGMLArgs(OpArgs):
     hot_experts: str | None = None  # routing counts (hybrid-r1 calibrate) choosing them; else the first N
     gpu_device: str = "cuda"  # where the resident experts live
     gpu_scheme: Literal["block", "channel"] = "block"  # their INT8 scheme
-    engine: Literal["auto", "ggml", "ggml_numa", "kt_llamafile", "native"] = "auto"  # cpu_engines.py; auto: the fastest
+    engine: Literal["auto", "ggml", "ggml_numa", "kt_llamafile", "native", "native_numa"] = "auto"  # cpu_engines.py; auto: the fastest
     pin: bool = False  # ggml threads pinned, one per physical core (ggml_lib.core_cpus)
     hugepages: bool = False  # copy the experts into anonymous 2 MiB pages at load (hugepages.py: RAM cost)
 
