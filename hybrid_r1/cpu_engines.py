@@ -367,7 +367,8 @@ class AutoNativeEngine(NativeEngine):
     """auto's choice where the native kernel has a SIMD path: native for calls of up to UP_TO tokens,
     the next engine above. Measured on the device host's Xeon (benchmarks/results/experts_cpu_native.md):
     AVX-512 beat kt-kernel at 1-64 tokens (kt 7% faster at 128) and ggml at 1-256; the AVX2 build
-    (run on that Xeon, -march=haswell) beat both at decode (1 token) and lost to ggml from 8."""
+    (run on that Xeon, -march=haswell) beat both at decode (1 token) and lost to ggml from 8 (before
+    its 4-token kernel, which is not measured there yet: the threshold stays at 1)."""
 
     UP_TO: ClassVar[dict[tuple[int, str], int]] = {(2, "kt_llamafile"): 96, (2, "ggml"): 256,
                                                   (1, "kt_llamafile"): 1, (1, "ggml"): 1}

@@ -290,6 +290,20 @@ static void dot4_q6_K(const uint8_t *row, const act_block *const xs[4], int nb, 
 }
 #define HR1_DOT4 1
 #elif defined(HR1_AVX2)
+/* Q6_K's 128 elements of half h as 4 x 32 unsigned bytes (q + 32, 0-63): elements 0-31, 32-63,
+ * 64-95, 96-127 (their qh bits 0-1, 2-3, 4-5, 6-7) */
+static inline void q6k_planes_avx2(const block_q6_K *w, int h, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
+    const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
+}
 /* AVX2 (no VNNI): u8 x s8 pair sums (maddubs: at most 2 * 63 * 127, no saturation), then the
  * sub-block's scale in a 16-bit multiply-add. 32 bytes of a nibble plane are 32 elements in order. */
 static float dot_q4_K(const uint8_t *row, const act_block *a, int nb, int pf) {
@@ -318,24 +332,14 @@ static float dot_q4_K(const uint8_t *row, const act_block *a, int nb, int pf) {
 
 static float dot_q6_K(const uint8_t *row, const act_block *a, int nb, int pf) {
     const block_q6_K *w = (const block_q6_K *)row;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
     __m256 acc = _mm256_setzero_ps(), accc = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++, w++, a++) {
         prefetch_block((const uint8_t *)w, pf, 256);
         const __m128i s8 = _mm_loadu_si128((const __m128i *)w->scales);
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
-            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
-            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
-            const __m256i q[4] = {  /* elements 0-31, 32-63, 64-95, 96-127 of this half, as q + 32 */
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4))};
+            __m256i q[4];
+            q6k_planes_avx2(w, h, q);
             for (int g = 0; g < 4; g++) {  /* 32 elements = sub-blocks 8h + 2g and 8h + 2g + 1 */
                 const int8_t *sc = w->scales + 8 * h + 2 * g;
                 const __m256i p = _mm256_maddubs_epi16(q[g], _mm256_load_si256((const __m256i *)(a->q + 128 * h + 32 * g)));
@@ -350,6 +354,77 @@ static float dot_q6_K(const uint8_t *row, const act_block *a, int nb, int pf) {
     }
     return hsum256(acc) - hsum256(accc);
 }
+
+/* 4 activations at once, as the AVX-512 dot4s: per activation the same operations, in order. */
+static void dot4_q4_K(const uint8_t *row, const act_block *const xs[4], int nb, int pf, float out[4]) {
+    const block_q4_K *w = (const block_q4_K *)row;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[4], accm[4];
+    for (int t = 0; t < 4; t++) { acc[t] = _mm256_setzero_ps(); accm[t] = _mm256_setzero_ps(); }
+    for (int i = 0; i < nb; i++, w++) {
+        prefetch_block((const uint8_t *)w, pf, 192);
+        uint32_t sm[4];
+        q4k_scales(w->scales, sm);
+        const uint8_t *sc = (const uint8_t *)sm;
+        __m256i sumi[4];
+        for (int t = 0; t < 4; t++) sumi[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i sl = _mm256_set1_epi16(sc[2 * j]), sh = _mm256_set1_epi16(sc[2 * j + 1]);
+            for (int t = 0; t < 4; t++) {
+                const act_block *a = xs[t] + i;
+                const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(a->q + 64 * j)));
+                const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(a->q + 64 * j + 32)));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(pl, sl));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(ph, sh));
+            }
+        }
+        const float d = f16_to_f32(w->d), dmin = f16_to_f32(w->dmin);
+        for (int t = 0; t < 4; t++) {
+            const act_block *a = xs[t] + i;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * a->d), acc[t]);
+            accm[t] = q4k_mins(accm[t], sm, a, dmin);
+        }
+    }
+    for (int t = 0; t < 4; t++) out[t] = hsum256(acc[t]) - hsum256(accm[t]);
+}
+
+static void dot4_q6_K(const uint8_t *row, const act_block *const xs[4], int nb, int pf, float out[4]) {
+    const block_q6_K *w = (const block_q6_K *)row;
+    __m256 acc[4], accc[4];
+    for (int t = 0; t < 4; t++) { acc[t] = _mm256_setzero_ps(); accc[t] = _mm256_setzero_ps(); }
+    for (int i = 0; i < nb; i++, w++) {
+        prefetch_block((const uint8_t *)w, pf, 256);
+        const __m128i s8 = _mm_loadu_si128((const __m128i *)w->scales);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(s8);
+        __m256i sumi[4];
+        for (int t = 0; t < 4; t++) sumi[t] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q6k_planes_avx2(w, h, q);
+            for (int g = 0; g < 4; g++) {
+                const int8_t *sc = w->scales + 8 * h + 2 * g;
+                const __m256i s2 = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+                for (int t = 0; t < 4; t++) {
+                    const act_block *a = xs[t] + i;
+                    const __m256i p = _mm256_maddubs_epi16(q[g], _mm256_load_si256((const __m256i *)(a->q + 128 * h + 32 * g)));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, s2));
+                }
+            }
+        }
+        const float dw = f16_to_f32(w->d);
+        for (int t = 0; t < 4; t++) {
+            const act_block *a = xs[t] + i;
+            const float d = dw * a->d;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d), acc[t]);
+            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_load_si256((const __m256i *)a->s16));
+            accc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(32.f * d), accc[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) out[t] = hsum256(acc[t]) - hsum256(accc[t]);
+}
+#define HR1_DOT4 1
 #else
 /* Portable C, the same integer sums per block (the compiler vectorises what it can). */
 static float dot_q4_K(const uint8_t *row, const act_block *a, int nb, int pf) {

@@ -74,6 +74,15 @@ def _call(pool, weights, x, idx, w):
     return pool.moe(weights, x.float().contiguous(), idx.to(torch.int64).contiguous(), w.float().contiguous(), out)
 
 
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
 @pytest.mark.parametrize("types", MIXES, ids=lambda ts: "/".join(QT(t).name for t in ts))
 def test_mixed_types_match_emulated_rounding(types):
     op, ref = load_pair(expert_tensors(types, seed=60), engine="native")
@@ -85,15 +94,6 @@ def test_mixed_types_match_emulated_rounding(types):
         y = op(x, idx, w)
         assert torch.isfinite(y).all()
         assert rel(y, emulated(ref, types, x, idx, w)) < 2e-3  # tests/test_experts_ggml.py's bound
-
-
-def _has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
 
 
 @pytest.mark.parametrize("variant", ["native", pytest.param("avx2", marks=pytest.mark.skipif(
@@ -117,18 +117,20 @@ def test_simd_and_portable_builds_agree(variant):
         assert rel(b, _reference(weights, x, idx, w)) < 2e-3  # tests/test_experts_ggml.py's emulated bound
 
 
-def test_threads_do_not_change_a_bit_and_repeated_experts_group():
+@pytest.mark.parametrize("variant", ["native", pytest.param("avx2", marks=pytest.mark.skipif(
+    not _has_avx2(), reason="this CPU has no AVX2")), "portable"])
+def test_threads_do_not_change_a_bit_and_repeated_experts_group(variant):
     weights = _weights(MIXES[0], seed=64, hidden=768, inter=512)
     gen = torch.Generator().manual_seed(65)
     x = torch.randn(7, 768, generator=gen)
     idx = torch.randint(0, 3, (7, K), generator=gen)  # few experts, many tokens each (and repeats in a token)
     w = torch.rand(7, K, generator=gen)
-    one = _call(cpu_kernels.Pool(1), weights, x, idx, w)
+    one = _call(cpu_kernels.Pool(1, variant=variant), weights, x, idx, w)
     for n in (2, 5):  # 5 threads on a 2-CPU machine: more threads than CPUs still finishes
-        assert torch.equal(_call(cpu_kernels.Pool(n), weights, x, idx, w), one)
+        assert torch.equal(_call(cpu_kernels.Pool(n, variant=variant), weights, x, idx, w), one)
     # the same tokens one at a time: the grouping by expert changes which rows a chunk reads, not the sums
     for t in range(7):
-        single = _call(cpu_kernels.Pool(2), weights, x[t:t + 1], idx[t:t + 1], w[t:t + 1])
+        single = _call(cpu_kernels.Pool(2, variant=variant), weights, x[t:t + 1], idx[t:t + 1], w[t:t + 1])
         assert torch.equal(single, one[t:t + 1])
 
 
