@@ -134,6 +134,13 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
 }
 
+/* Q6_K's offset of one block, added to accc: its stored values are q + 32, so 32 * sum_k sc_k *
+ * (sum of x over sub-block k), times d (the weights' scale times the activation's) */
+static inline __m256 q6k_offset(__m256 accc, __m256i sc16, const act_block *a, float d) {
+    const __m256i corr = _mm256_madd_epi16(sc16, _mm256_load_si256((const __m256i *)a->s16));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(32.f * d), accc);
+}
+
 /* Q4_K's min term of one block, added to accm: sum_j m_j * (sum of x over sub-block j), times dmin * d_x */
 static inline __m256 q4k_mins(__m256 accm, const uint32_t sm[4], const act_block *a, float dmin) {
     const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 2)));
@@ -176,12 +183,22 @@ static float dot_q4_K(const uint8_t *row, const act_block *a, int nb, int pf) {
     return _mm512_reduce_add_ps(acc) - hsum256(accm);
 }
 
-static float dot_q6_K(const uint8_t *row, const act_block *a, int nb, int pf) {
-    const block_q6_K *w = (const block_q6_K *)row;
+/* Q6_K's 128 elements of half h as 2 x 64 unsigned bytes (q + 32, 0-63): elements 0-63 (low
+ * nibbles of ql; qh's bits 0-1, then 2-3) and 64-127 (high nibbles; bits 4-5, then 6-7) */
+static inline void q6k_planes_512(const block_q6_K *w, int h, __m512i q[2]) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(0x03);
     /* qh's 2-bit fields for the low nibbles (shift 0 | 2) and high nibbles (4 | 6), per 256-bit half */
     const __m512i sh02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
     const __m512i sh46 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    const __m512i ql = _mm512_loadu_si512(w->ql + 64 * h);
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qh + 32 * h)));
+    q[0] = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh02), m3), 4));
+    q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh46), m3), 4));
+}
+
+static float dot_q6_K(const uint8_t *row, const act_block *a, int nb, int pf) {
+    const block_q6_K *w = (const block_q6_K *)row;
     /* lane l covers elements 4l..4l+3: scale (base + l/4) */
     const __m512i idx[4] = {quads(0, 1, 2, 3), quads(4, 5, 6, 7), quads(8, 9, 10, 11), quads(12, 13, 14, 15)};
     __m512 acc = _mm512_setzero_ps();
@@ -192,22 +209,16 @@ static float dot_q6_K(const uint8_t *row, const act_block *a, int nb, int pf) {
         const __m512i sc = _mm512_cvtepi8_epi32(s8);
         __m512i sumi = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++) {
-            const __m512i ql = _mm512_loadu_si512(w->ql + 64 * h);
-            const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qh + 32 * h)));
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(ql, m4),
-                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh02), m3), 4));
-            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
-                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh46), m3), 4));
-            const __m512i dl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(a->q + 128 * h));
-            const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_load_si512(a->q + 128 * h + 64));
+            __m512i q[2];
+            q6k_planes_512(w, h, q);
+            const __m512i dl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_load_si512(a->q + 128 * h));
+            const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], _mm512_load_si512(a->q + 128 * h + 64));
             sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dl, _mm512_permutexvar_epi32(idx[2 * h], sc)));
             sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dh, _mm512_permutexvar_epi32(idx[2 * h + 1], sc)));
         }
         const float d = f16_to_f32(w->d) * a->d;
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d), acc);
-        /* the stored values are q + 32: subtract 32 * sum_k sc_k * (sum of x over sub-block k) */
-        const __m256i corr = _mm256_madd_epi16(_mm256_cvtepi8_epi16(s8), _mm256_load_si256((const __m256i *)a->s16));
-        accc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(32.f * d), accc);
+        accc = q6k_offset(accc, _mm256_cvtepi8_epi16(s8), a, d);
     }
     return _mm512_reduce_add_ps(acc) - hsum256(accc);
 }
@@ -250,9 +261,6 @@ static void dot4_q4_K(const uint8_t *row, const act_block *const xs[4], int nb, 
 
 static void dot4_q6_K(const uint8_t *row, const act_block *const xs[4], int nb, int pf, float out[4]) {
     const block_q6_K *w = (const block_q6_K *)row;
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(0x03);
-    const __m512i sh02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-    const __m512i sh46 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
     const __m512i idx[4] = {quads(0, 1, 2, 3), quads(4, 5, 6, 7), quads(8, 9, 10, 11), quads(12, 13, 14, 15)};
     __m512 acc[4];
     __m256 accc[4];
@@ -264,12 +272,7 @@ static void dot4_q6_K(const uint8_t *row, const act_block *const xs[4], int nb, 
         const __m256i sc16 = _mm256_cvtepi8_epi16(s8);
         __m512i q[4], s4[4];
         for (int h = 0; h < 2; h++) {
-            const __m512i ql = _mm512_loadu_si512(w->ql + 64 * h);
-            const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qh + 32 * h)));
-            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4),
-                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh02), m3), 4));
-            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
-                                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh46), m3), 4));
+            q6k_planes_512(w, h, q + 2 * h);
             s4[2 * h] = _mm512_permutexvar_epi32(idx[2 * h], sc);
             s4[2 * h + 1] = _mm512_permutexvar_epi32(idx[2 * h + 1], sc);
         }
@@ -282,8 +285,7 @@ static void dot4_q6_K(const uint8_t *row, const act_block *const xs[4], int nb, 
                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_load_si512(a->q + 64 * v)), s4[v]));
             const float d = dw * a->d;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d), acc[t]);
-            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_load_si256((const __m256i *)a->s16));
-            accc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(32.f * d), accc[t]);
+            accc[t] = q6k_offset(accc[t], sc16, a, d);
         }
     }
     for (int t = 0; t < 4; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum256(accc[t]);
@@ -349,8 +351,7 @@ static float dot_q6_K(const uint8_t *row, const act_block *a, int nb, int pf) {
         }
         const float d = f16_to_f32(w->d) * a->d;
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d), acc);
-        const __m256i corr = _mm256_madd_epi16(_mm256_cvtepi8_epi16(s8), _mm256_load_si256((const __m256i *)a->s16));
-        accc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(32.f * d), accc);
+        accc = q6k_offset(accc, _mm256_cvtepi8_epi16(s8), a, d);
     }
     return hsum256(acc) - hsum256(accc);
 }
@@ -418,8 +419,7 @@ static void dot4_q6_K(const uint8_t *row, const act_block *const xs[4], int nb, 
             const act_block *a = xs[t] + i;
             const float d = dw * a->d;
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d), acc[t]);
-            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_load_si256((const __m256i *)a->s16));
-            accc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(32.f * d), accc[t]);
+            accc[t] = q6k_offset(accc[t], sc16, a, d);
         }
     }
     for (int t = 0; t < 4; t++) out[t] = hsum256(acc[t]) - hsum256(accc[t]);
@@ -520,6 +520,16 @@ typedef struct {
 
 enum { ROWS1 = 16, ROWS3 = 32 };  /* rows of a chunk: 16 gate+up rows (126 KB of Q4_K at 7168), 32 down rows */
 
+/* projection m's row against n (1-4) activations; xs padded to 4 (repeats of the first). One
+ * activation (decode) takes the single-row kernel, the hot path measured on its own. */
+static inline void dots(const job *j, int m, const uint8_t *row, const act_block *const xs[4], int n, int nb,
+                        float out[4]) {
+    if (n == 1)
+        out[0] = j->dot[m](row, xs[0], nb, j->pf);
+    else
+        j->dot4[m](row, xs, nb, j->pf, out);
+}
+
 static void phase_items(job *j, int p, int lo, int hi) {
     const int nbh = j->hidden / QK, nbi = j->inter / QK;
     if (p == 0) {  /* blocks of x */
@@ -545,13 +555,8 @@ static void phase_items(job *j, int p, int lo, int hi) {
                     const act_block *xs[4];
                     float gv[4], uv[4];
                     for (int q = 0; q < 4; q++) xs[q] = j->xq + (size_t)(j->order[o + (q < n ? q : 0)] / j->k) * nbh;
-                    if (n == 1) {  /* decode: one activation */
-                        gv[0] = j->dot[0](gr, xs[0], nbh, j->pf);
-                        uv[0] = j->dot[1](ur, xs[0], nbh, j->pf);
-                    } else {
-                        j->dot4[0](gr, xs, nbh, j->pf, gv);
-                        j->dot4[1](ur, xs, nbh, j->pf, uv);
-                    }
+                    dots(j, 0, gr, xs, n, nbh, gv);
+                    dots(j, 1, ur, xs, n, nbh, uv);
                     for (int q = 0; q < n; q++) {
                         const int slot = j->order[o + q];
                         j->h[(size_t)slot * j->inter + r] = gv[q] / (1.f + expf(-gv[q])) * uv[q] * j->wt[slot];
@@ -574,10 +579,7 @@ static void phase_items(job *j, int p, int lo, int hi) {
                         const act_block *hs[4];
                         float dv[4];
                         for (int q = 0; q < 4; q++) hs[q] = j->hq + (size_t)j->order[o + (q < n ? q : 0)] * nbi;
-                        if (n == 1)
-                            dv[0] = j->dot[2](dr, hs[0], nbi, j->pf);
-                        else
-                            j->dot4[2](dr, hs, nbi, j->pf, dv);
+                        dots(j, 2, dr, hs, n, nbi, dv);
                         for (int q = 0; q < n; q++)
                             j->out[(size_t)(j->order[o + q] / j->k) * j->hidden + r] += dv[q];
                     }
