@@ -13,7 +13,7 @@ top-8 drawn on the GPU inside the graph (the gate's weights are kept), so every 
 experts a layer from DRAM.
 
 Per step it reports: the total, the GPU part (the serial run's graphs replayed back to back,
-nothing between them), the CPU experts (ggml's graph compute, timed on the executor), the
+nothing between them, GPU time from events), the CPU experts (ggml's graph compute, timed on the executor), the
 hand-over (total - GPU part - CPU experts, per MoE layer: copies, syncs, wake-ups, minus whatever
 the overlap hides); the bound (expert bytes per token / the DRAM read bandwidth of a torch sum over
 4.3 GB of anonymous memory, the memory the experts live in, + the GPU's weight and cache bytes /
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_experts_cpu import Q6_K, TiledSource, cpu_model, dram_read_gbs
 from bench_hybrid_decode import FULL_DENSE, FULL_MOE, RULES, HybridSource
 
-from hybrid_r1 import ggml_lib, handoff, placement
+from hybrid_r1 import ggml_lib, graphs, handoff, placement
 from hybrid_r1_kernels import handoff as khandoff
 from hybrid_r1.generate import prefill
 from hybrid_r1.graphs import DecodeGraphs
@@ -120,30 +120,26 @@ def hbm_gbs(device, gb: float = 4.0, reps: int = 10) -> float:
     return best
 
 
-def handover_us(device, hidden: int, k: int, calls: int = 32, reps: int = 20) -> dict[str, float]:
-    """One call's round trip with nothing to compute (the host copies x to the output): overlapped
-    (submit, worker, collect) inside one CUDA graph of `calls` calls, and the serial way (async
-    copies to pinned memory, stream sync, copy back), per call, median of `reps`."""
-    w = handoff.worker()
-    slot = w.add_slot("echo", _echo, hidden, k, torch.bfloat16, torch.int64, 1)
+def handover_us(device, hidden: int, k: int, native=None, calls: int = 32, reps: int = 20) -> dict[str, float]:
+    """One call's round trip with nothing to compute: overlapped (submit, worker, collect) inside one
+    CUDA graph of `calls` calls, on the Python worker (the host copies x to the output) and, with
+    `native` = (NativeWorker, ExpertWeights), on the native kernel's C poller (a call of top-k 0:
+    the kernel writes zeros); and the serial way (async copies to pinned memory, stream sync, copy
+    back), per call, median of `reps`."""
     x = torch.randn(1, hidden, device=device).to(torch.bfloat16)
     idx = torch.randint(0, 256, (1, k), device=device)
     wt = torch.rand(1, k, device=device)
-    for _ in range(3):
-        y = handoff.overlapped(w, slot, x, idx, wt, None, 2.0)
-    torch.cuda.synchronize()
-    w.raise_if_failed()
-    assert torch.equal(y, x), "the echo came back wrong"
-    g = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        g.capture_begin()
-        y = x
-        for _ in range(calls):
-            y = handoff.overlapped(w, slot, y, idx, wt, None, 2.0)
-        g.capture_end()
-    torch.cuda.current_stream().wait_stream(side)
+    out = {}
+    w = handoff.worker()
+    slot = w.add_slot("echo", _echo, hidden, k, torch.bfloat16, torch.int64, 1)
+    out["overlapped, Python worker, in a graph"] = _graph_us(w, slot, x, idx, wt, x, calls, reps)
+    if native is not None:
+        nw, weights = native
+        owner = _Echo()
+        slot = nw.add_kernel_slot("echo", owner, weights, 0, torch.bfloat16, 1)
+        none = idx[:, :0]
+        out["overlapped, native C poller, in a graph"] = _graph_us(nw, slot, x, none, wt[:, :0],
+                                                                   torch.zeros_like(x), calls, reps)
     hx, hi, hw, hy = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (x, idx, wt, x))
 
     def serial():
@@ -155,18 +151,44 @@ def handover_us(device, hidden: int, k: int, calls: int = 32, reps: int = 20) ->
             hy.copy_(hx)
             x.copy_(hy, non_blocking=True)
 
-    out = {}
-    for name, fn in (("overlapped, in a graph", g.replay), ("serial: copies, sync, copy back", serial)):
-        times = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / calls * 1e6)
-        out[name] = statistics.median(times)
-    w.raise_if_failed()
+    out["serial: copies, sync, copy back"] = _timed_us(serial, calls, reps)
     return out
+
+
+class _Echo:
+    """Owns the native echo slot."""
+
+
+def _graph_us(w, slot, x, idx, wt, want, calls: int, reps: int) -> float:
+    for _ in range(3):
+        y = handoff.overlapped(w, slot, x, idx, wt, None, 2.0)
+    torch.cuda.synchronize()
+    w.raise_if_failed()
+    assert torch.equal(y, want), "the hand-over came back wrong"
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        g.capture_begin()
+        y = x
+        for _ in range(calls):
+            y = handoff.overlapped(w, slot, x, idx, wt, None, 2.0)
+        g.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    us = _timed_us(g.replay, calls, reps)
+    w.raise_if_failed()
+    return us
+
+
+def _timed_us(fn, calls: int, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
 
 
 def _echo(x, idx, w, out):
@@ -187,6 +209,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="a folder with tokenizer.json and tokenizer_config.json")
     ap.add_argument("--gpu-poll-ns", type=int, nargs="+", default=[khandoff.POLL_SLEEP_NS],
                     help="overlapped runs, one per pause of the stream between looks at the done word")
+    ap.add_argument("--waits", nargs="*", default=[], choices=["blocking", "yield"],
+                    help="also overlapped runs with these graphs.HOST_WORK_WAIT (before the default's run)")
+    ap.add_argument("--split-layers", action="store_true",
+                    help="also an overlapped run with a graph a layer (DecodeGraphs(split_layers=True))")
     ap.add_argument("--threads", type=int, default=0, help="the CPU engine's threads (0: one per physical core)")
     ap.add_argument("--native-spin-us", type=int, default=None,
                     help="engine native: how long idle workers spin before they sleep (cpu_kernels.SPIN_NS)")
@@ -241,53 +267,112 @@ def main(argv=None) -> int:
     embed = module.model.embed_tokens.weight
 
     def gpu_bytes(m: nn.Module) -> int:
-        return sum(x.numel() * x.element_size() for x in [*m.parameters(), *m.buffers()]
-                   if x.is_cuda and x is not embed)
+        return sum(x.numel() * x.element_size() for x in device_tensors(m) if x is not embed)
 
-    def decode(mode: str) -> dict:
+    def decode(mode: str, split: bool = False) -> dict:
         for moe, o, s in zip(moes, overlapped, serial):
             moe.experts = s if mode == "serial" else o
         cache = rt.new_cache()
         logits = prefill(module, prompt, cache, 512)
-        runner = DecodeGraphs(module, cache)
+        runner = DecodeGraphs(module, cache, split_layers=split)
         nxt = int(logits.argmax())
         for _ in range(3):  # eager step + capture, then two replays
             nxt = int(runner.step(nxt).argmax())
         assert runner.use_graphs, "capture failed"
-        w = handoff.worker() if mode == "overlapped" else None
+        w = overlapped[0].worker if mode == "overlapped" else None  # the one the ops picked (Python or C)
         busy0 = dict(w.stats) if w else None
         compute_s[0] = 0.0
-        times, toks, ids = [], [], []
+        # the step's window on the stream: from before its first graph's launch to its last
+        # graph's end (the rest of the step is the host's per-step work: inputs, waking, argmax)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        first, last = runner.segments[0], runner.segments[-1]
+        if len(runner.segments) == 1:  # one graph a step
+            runner.segments[0] = lambda: (start.record(), first(), end.record())
+        else:
+            runner.segments[0] = lambda: (start.record(), first())
+            runner.segments[-1] = lambda: (last(), end.record())
+        times, windows, toks, ids = [], [], [], []
         for _ in range(args.steps):
             t1 = time.perf_counter()
             nxt = int(runner.step(nxt).argmax())
             times.append(time.perf_counter() - t1)
+            windows.append(start.elapsed_time(end))
             toks.append(nxt)
             ids.append(tuple(moes[0].gate.last[0].tolist()))
+        runner.segments[0], runner.segments[-1] = first, last
         res = {"total": statistics.median(times) * 1e3, "mean": statistics.fmean(times) * 1e3,
+               "window": statistics.median(windows),
                "cpu": compute_s[0] / args.steps * 1e3, "segments": len(runner.segments), "tokens": toks, "ids": ids,
                "kv_bytes": sum(x.numel() * x.element_size() for x in cache_tensors(cache))}
         if w:
-            n_req = w.stats["requests"] - busy0["requests"]
-            res["worker_overhead_us"] = ((w.stats["busy_s"] - busy0["busy_s"]) - compute_s[0]) / max(n_req, 1) * 1e6
+            st = w.stats
+            n_req = st["requests"] - busy0["requests"]
+            cpu_s = st["compute_s"] - busy0["compute_s"]  # the engine's time on the worker (C or Python)
+            res["cpu"] = cpu_s / args.steps * 1e3
+            res["worker_overhead_us"] = ((st["busy_s"] - busy0["busy_s"]) - cpu_s) / max(n_req, 1) * 1e6
+            res["worker"] = type(w).__name__
             w.raise_if_failed()
         else:  # the GPU part: the serial run's graphs back to back, nothing between them
-            replays = [seg for seg in runner.segments if isinstance(getattr(seg, "__self__", None), torch.cuda.CUDAGraph)]
-            gt = []
+            is_graph = [isinstance(getattr(seg, "__self__", None), torch.cuda.CUDAGraph) for seg in runner.segments]
+            replays = [seg for seg, g in zip(runner.segments, is_graph) if g]
+            gt, each = [], [[] for _ in replays]
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(replays) + 1)]
             for _ in range(args.steps):
                 torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                for r in replays:
+                torch.cuda._sleep(1_000_000)  # the GPU waits here, not for the first launch: GPU time only
+                marks[0].record()
+                for r, mark in zip(replays, marks[1:]):
                     r()
+                    mark.record()
                 torch.cuda.synchronize()
-                gt.append(time.perf_counter() - t1)
-            res["gpu"] = statistics.median(gt) * 1e3
+                gt.append(marks[0].elapsed_time(marks[-1]))
+                for i in range(len(replays)):
+                    each[i].append(marks[i].elapsed_time(marks[i + 1]))
+            res["gpu"] = statistics.median(gt)
+            # the graphs' times summed between the CPU expert calls: before the first, one MoE
+            # layer between two, after the last
+            groups, i = [0.0], 0
+            for g in is_graph:
+                if g:
+                    groups[-1] += statistics.median(each[i])
+                    i += 1
+                else:
+                    groups.append(0.0)
+            res["groups_ms"] = groups
+            # the first MoE layer's graphs again, each time after ~2 ms of a GPU as idle as the
+            # overlapped step leaves it while the CPU computes (one sleeping kernel; the launch is
+            # done meanwhile, so the time is the GPU's): does an idle GPU run them slower?
+            layer, seen = [], 0
+            for seg, g in zip(runner.segments, is_graph):
+                seen += not g
+                if g and seen == 1:
+                    layer.append(seg)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            cold = []
+            for _ in range(16):
+                torch.cuda.synchronize()
+                torch.cuda._sleep(4_000_000)  # ~2 ms at the H200's clock
+                a.record()
+                for r in layer:
+                    r()
+                b.record()
+                b.synchronize()
+                cold.append(a.elapsed_time(b))
+            res["cold_layer_ms"] = statistics.median(cold)
+            res["head_ms"] = head_ms(module, device)
         return res
 
     results, failed = {}, None
+    default_wait = graphs.HOST_WORK_WAIT
     with torch.inference_mode():
         results["serial"] = decode("serial")
         try:
+            if args.split_layers:
+                results["overlapped, a graph a layer"] = decode("overlapped", split=True)
+            for wait in args.waits:
+                graphs.HOST_WORK_WAIT = wait
+                results[f"overlapped, the step's end waited for by {wait}"] = decode("overlapped")
+            graphs.HOST_WORK_WAIT = default_wait
             for ns in args.gpu_poll_ns:  # the last one is the run the notes describe
                 khandoff.POLL_SLEEP_NS = ns
                 results[f"overlapped, GPU poll pause {ns} ns"] = decode("overlapped")
@@ -296,7 +381,8 @@ def main(argv=None) -> int:
             failed = f"{type(e).__name__}: {str(e)[:300]}"
     gpu_ms, kv_bytes = results["serial"]["gpu"], results["serial"]["kv_bytes"]
     try:  # last: a broken hand-shake must not cost the decode numbers
-        echo = handover_us(device, 7168, 8)
+        nw = overlapped[0].worker
+        echo = handover_us(device, 7168, 8, (nw, overlapped[0].weights) if isinstance(nw, handoff.NativeWorker) else None)
     except Exception as e:  # noqa: BLE001 - reported in the results
         traceback.print_exc()
         echo = {f"FAILED ({type(e).__name__}: {str(e)[:300]})": float("nan")}
@@ -306,17 +392,28 @@ def main(argv=None) -> int:
     bound_cpu_ms = n_moe * expert_bytes / (dram * 1e9) * 1e3
     bound_gpu_ms = step_gpu_bytes / (hbm * 1e9) * 1e3
     bound_ms = bound_cpu_ms + bound_gpu_ms
-    # full model: the GPU part per layer (this run's average) x 61, the rest per MoE layer x 58
+    # full model: 58 MoE layers' and 3 dense layers' GPU part once each, and the head's, then the
+    # rest of the step per MoE layer x 58. The serial step's GPU work between its CPU expert calls
+    # is: embedding, the dense layer and the first MoE layer up to its router; then one MoE layer
+    # each (the rest of one, up to the next one's router); the last one's rest and the head. So a
+    # middle group is a MoE layer's GPU part, and the first + last less one of those are the dense
+    # layer + the head.
+    g = results["serial"]["groups_ms"]
+    moe_gpu = statistics.median(g[1:-1]) if len(g) > 2 else (g[0] + g[-1]) / 2
+    head = results["serial"]["head_ms"]
+    dense_gpu = g[0] + g[-1] - moe_gpu - head
+    full_gpu_ms = FULL_MOE * moe_gpu + FULL_DENSE * dense_gpu + head
     layer_bytes = [gpu_bytes(b) for b in module.model.layers]
     full_gpu_bytes = (weights_gpu - sum(layer_bytes)) + (FULL_DENSE * layer_bytes[0] + FULL_MOE * statistics.fmean(layer_bytes[1:]))
     full_bound_ms = FULL_MOE * expert_bytes / (dram * 1e9) * 1e3 + full_gpu_bytes / (hbm * 1e9) * 1e3
     rows = []
     for mode, r in results.items():
-        hand = (r["total"] - gpu_ms - r["cpu"]) / n_moe
-        full_ms = (FULL_DENSE + FULL_MOE) * gpu_ms / args.layers + FULL_MOE * (r["total"] - gpu_ms) / n_moe
+        hand = (r["window"] - gpu_ms - r["cpu"]) / n_moe
+        per_step = r["total"] - r["window"]
+        full_ms = per_step + full_gpu_ms + FULL_MOE * (r["window"] - gpu_ms) / n_moe
         r.update(hand=hand, full_ms=full_ms)
-        rows.append(f"| {mode} | {r['segments']} | {r['total']:.2f} ({r['mean']:.2f}) | {gpu_ms:.2f} | {r['cpu']:.2f} "
-                    f"({r['cpu'] / n_moe:.2f} a layer) | {hand * 1e3:.0f} us | {bound_ms:.2f} | "
+        rows.append(f"| {mode} | {r['segments']} | {r['total']:.2f} ({r['mean']:.2f}) | {per_step * 1e3:.0f} us | "
+                    f"{gpu_ms:.2f} | {r['cpu']:.2f} ({r['cpu'] / n_moe:.2f} a layer) | {hand * 1e3:.0f} us | {bound_ms:.2f} | "
                     f"{bound_ms / r['total']:.0%} | {full_ms:.0f} ms, {1e3 / full_ms:.2f} tok/s | "
                     f"{full_bound_ms / full_ms:.0%} |")
     over = next((r for k, r in reversed(results.items()) if k.startswith("overlapped")), None)
@@ -325,7 +422,7 @@ def main(argv=None) -> int:
     if over is None:
         notes = []
     else:
-        per_layer = (over["total"] - gpu_ms) / n_moe + gpu_ms / args.layers
+        per_layer = (over["window"] - gpu_ms) / n_moe + gpu_ms / args.layers
         best = max(over["cpu"] / n_moe, gpu_ms / args.layers)
         same = results["serial"]["tokens"] == over["tokens"]
         notes = [
@@ -333,8 +430,13 @@ def main(argv=None) -> int:
             "independently: the tests check equality on the router's own routing); "
             f"{len(set(over['tokens']))} distinct tokens in the overlapped run; layer 1 saw "
             f"{len(set(over['ids']))} distinct expert sets in {args.steps} steps",
-            f"- hand-over = (step - GPU part - CPU experts) / MoE layers; overlapped, the host worker's own share "
-            f"(request seen to done published, less ggml's compute) is {over['worker_overhead_us']:.0f} us a request",
+            f"- a MoE layer's GPU part after ~2 ms of an idle GPU (one sleeping kernel, as while the CPU computes): "
+            f"{results['serial']['cold_layer_ms']:.3f} ms, against {moe_gpu:.3f} ms back to back (in the hand-over column)",
+            "- host, once a step = step - its window on the stream (from before the first graph's launch to the last "
+            "graph's end, CUDA events): writing the token and position, waking on the logits, the argmax",
+            f"- hand-over = (window - GPU part - CPU experts) / MoE layers; overlapped, served by {over['worker']} "
+            f"(the C poller for the native kernel, else the Python worker), whose own share (request seen to done "
+            f"published, less the engine's compute) is {over['worker_overhead_us']:.1f} us a request",
             f"- overlapped, a MoE layer: {per_layer:.2f} ms against max(CPU experts, GPU part) = {best:.2f} ms "
             f"({per_layer / best - 1:+.0%})",
         ]
@@ -355,22 +457,52 @@ def main(argv=None) -> int:
         f"{bound_ms:.2f} ms (serial sum: overlap can hide the GPU part, so the overlapped run may pass it); "
         f"full model bound {full_bound_ms:.0f} ms, {1e3 / full_bound_ms:.2f} tok/s",
         "",
-        "| mode | graphs a step | step ms, median (mean) | GPU part ms | CPU experts ms | hand-over a MoE layer "
-        "| bound ms | bound / step | full model, extrapolated | full bound / full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | segments a step (graphs, CPU calls) | step ms, median (mean) | host, once a step | GPU part ms "
+        "| CPU experts ms | hand-over a MoE layer | bound ms | bound / step | full model, extrapolated | full bound / full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         *notes,
         "- the hand-over alone, one call with nothing to compute on the host (7168 bf16 in and out, 8 ids): "
         + "; ".join(f"{k} {v:.1f} us" for k, v in echo.items()),
-        "- full model: 61 x the GPU part per layer (this run's average, counting the dense layer once in "
-        f"{args.layers} and lm_head {args.layers} times too often: an upper bound) + 58 x (step - GPU part) per MoE layer",
+        f"- full model: the GPU part of 58 MoE layers ({moe_gpu:.3f} ms each: the serial step's graphs between two "
+        f"CPU expert calls), 3 dense layers ({dense_gpu:.3f} ms each: the graphs before the first and after the "
+        f"last call - a MoE layer - the head) and the head once "
+        f"(final norm + lm_head, {head:.3f} ms, timed alone) = {full_gpu_ms:.1f} ms, + 58 x (window - GPU part) "
+        "per MoE layer + the host's once-a-step work; GPU bytes count every tensor the GPU holds (INT8 weights and their scales too)",
         "",
     ]
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text)
     return 0
+
+
+def device_tensors(m: nn.Module) -> list[torch.Tensor]:
+    """Every CUDA tensor `m` holds, once: parameters, buffers and the plain tensors operators keep
+    (the INT8 linears' weights and scales are attributes, not parameters)."""
+    seen, out = set(), []
+    for sub in m.modules():
+        for x in [*sub.parameters(recurse=False), *sub.buffers(recurse=False),
+                  *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]:
+            if x.is_cuda and x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                out.append(x)
+    return out
+
+
+def head_ms(module, device, reps: int = 20) -> float:
+    """The head alone (final norm + lm_head on one token), GPU time per call, median of `reps`."""
+    h = torch.randn(1, 1, module.config.hidden_size, device=device, dtype=module.model.norm.weight.dtype)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps + 2):
+        a.record()
+        module.lm_head(module.model.norm(h))
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times[2:])
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             # dense layer as an average one, 1 in 4 here against 3 in 61 there, and flatter the figure)
             full_ms = (FULL_DENSE + FULL_MOE) * step / n_moe
             dram_ms = n_moe * cfg.num_experts_per_tok * (1 - n / cfg.n_routed_experts) * expert_bytes / dram / 1e6
-            rows.append(f"| {share:.1%} ({n} a layer) | {mode} ({len(runner.segments)} graph segments) | {step:.2f} "
+            rows.append(f"| {share:.1%} ({n} a layer) | {mode} ({len(runner.segments)} segments, {runner.breaks} CPU calls) | {step:.2f} "
                         f"| {dram_ms:.2f} | {1e3 / full_ms:.2f} |")
             print(rows[-1], flush=True)
             del runner, cache

@@ -101,6 +101,13 @@ class CPUEngine:
         directly skip the copy."""
         return out.copy_(self.run(ex, x, ids, w))
 
+    @classmethod
+    def c_handoff(cls) -> bool:
+        """Whether the native kernel's C hand-over thread (handoff.NativeWorker, on the pool
+        cpu_kernels.pool(threads, cpus)) serves this engine's overlapped decode calls, with no
+        Python between the stream's request and the kernel; else the Python worker calls run_into."""
+        return False
+
 
 class GGMLEngine(CPUEngine):
     """ggml_lib's graph on the executor the operator hands in (its threads, poll and pinning)."""
@@ -343,6 +350,13 @@ class NativeEngine(CPUEngine):
 
     def checks_ids(self, tokens: int) -> bool:  # the kernel returns an error before it reads a row
         return self._above is None or tokens <= self._up_to
+
+    @classmethod
+    def c_handoff(cls) -> bool:
+        # the hand-over's calls (<= 8 tokens) all on this kernel, auto's too: correct at any size,
+        # and decode's 1-token calls are what it is for (auto hands longer calls to another engine
+        # for speed at dozens of tokens and more)
+        return True
 
     def run(self, ex, x, ids, w):
         if self._hands_up(ids):

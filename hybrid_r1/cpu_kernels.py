@@ -130,9 +130,16 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.hr1_pool_free.argtypes = [ctypes.c_void_p]
     lib.hr1_pool_threads.restype = ctypes.c_int
     lib.hr1_pool_threads.argtypes = [ctypes.c_void_p]
-    p, i = ctypes.c_void_p, ctypes.c_int
+    p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.hr1_moe.restype = ctypes.c_int
     lib.hr1_moe.argtypes = [p, p, p, p, i, i, i, i, i, i, i, i, p, p, p, p, i, i]
+    lib.hr1_poller_new.restype = p
+    lib.hr1_poller_new.argtypes = [p, p, i, i, i, i, l, l]
+    lib.hr1_poller_slot.restype = i
+    lib.hr1_poller_slot.argtypes = [p, i, ctypes.POINTER(_Slot)]
+    lib.hr1_poller_state.argtypes = [p, ctypes.POINTER(ctypes.c_int64)]
+    lib.hr1_poller_stop.argtypes = [p]
+    lib.hr1_poller_free.argtypes = [p]
     return lib
 
 
@@ -151,8 +158,9 @@ def simd(variant: str | None = None) -> int:
 
 
 class Pool:
-    """`threads` threads computing one call at a time: the caller's thread and threads-1 workers
-    (worker i pinned to cpus[i], wrapping, where given). Callers serialise calls (GGMLExperts' executor lock)."""
+    """`threads` threads computing one call at a time (the kernel serialises its callers: Python's
+    and a hand-over Poller's): the caller's thread and threads-1 workers (worker i pinned to
+    cpus[i], wrapping, where given)."""
 
     def __init__(self, threads: int, cpus: tuple[int, ...] | None = None, spin_ns: int | None = None,
                  variant: str = "native"):
@@ -163,7 +171,6 @@ class Pool:
         if not self.handle:
             raise KernelBuildError(f"could not start {threads} kernel threads")
         self.threads = self.lib.hr1_pool_threads(self.handle)
-        self.lock = threading.Lock()
 
     def moe(self, weights, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
             prefetch: int | None = None) -> torch.Tensor:
@@ -183,10 +190,9 @@ class Pool:
                              f"contiguous; got {list(x.shape)}, {list(out.shape)}, {list(w.shape)}")
         flags = (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
         prefetch = PREFETCH if prefetch is None else prefetch
-        with self.lock:  # one call at a time per pool (layers of different executors may share one)
-            rc = self.lib.hr1_moe(self.handle, *weights.addresses, *weights.types, weights.n_experts,
-                                  weights.hidden, weights.intermediate, T, k, x.data_ptr(), ids.data_ptr(),
-                                  w.data_ptr(), out.data_ptr(), prefetch, flags)
+        rc = self.lib.hr1_moe(self.handle, *weights.addresses, *weights.types, weights.n_experts,
+                              weights.hidden, weights.intermediate, T, k, x.data_ptr(), ids.data_ptr(),
+                              w.data_ptr(), out.data_ptr(), prefetch, flags)
         if rc == -2:
             lo, hi = (v.item() for v in torch.aminmax(ids))
             raise ValueError(f"expert ids must lie in [0, {weights.n_experts}), got {lo}..{hi}")
@@ -198,6 +204,81 @@ class Pool:
         handle, self.handle = getattr(self, "handle", None), None
         if handle:
             self.lib.hr1_pool_free(handle)
+
+
+class _Slot(ctypes.Structure):
+    """kernels/cpu_experts.c's hr1_slot: one layer's call as the hand-over poller runs it."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("gate", "up", "down")] + \
+        [(n, ctypes.c_int) for n in ("tg", "tu", "td", "n_experts", "hidden", "inter", "k", "max_tokens", "flags", "pf")] + \
+        [(n, ctypes.c_void_p) for n in ("x", "ids", "w", "out")]
+
+
+POLLER_KINDS = {1: "sequence", 2: "slot", 3: "tokens", 4: "kernel"}  # hr1_poller_state's failure kinds
+
+
+class Poller:
+    """The kernel's own hand-over thread (hybrid_r1/handoff.py's protocol, served in C): polls the
+    request word of `ctrl` (int64 words at `layout`'s offsets), runs the named slot's call on
+    `pool` and publishes done. Spins for `hot_ns` after a request, then looks every `idle_ns`."""
+
+    def __init__(self, pool: Pool, ctrl: torch.Tensor, layout: dict[str, int], hot_ns: int, idle_ns: int):
+        if ctrl.dtype != torch.int64 or ctrl.device.type != "cpu" or not ctrl.is_contiguous():
+            raise ValueError("cpu_experts poller: the control words must be contiguous int64 on the CPU")
+        if not 0 <= idle_ns < 1_000_000_000:
+            raise ValueError(f"cpu_experts poller: idle_ns must be in [0, 1e9), got {idle_ns}")
+        self.pool, self.ctrl, self.lib = pool, ctrl, pool.lib  # the pool and the words outlive the thread
+        self.handle = self.lib.hr1_poller_new(pool.handle, ctrl.data_ptr(), layout["req"], layout["slot"],
+                                              layout["ntok"], layout["done"], hot_ns, idle_ns)
+        if not self.handle:
+            raise KernelBuildError("could not start the kernel's hand-over thread")
+
+    def set_slot(self, index: int, weights, k: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        """Slot `index` computes `weights`' experts (top-k `k`) from x [max_tokens, hidden], ids and w
+        [max_tokens, k] (int64, float32) into out (x's shape); x and out float32 or bfloat16, all
+        contiguous on the CPU and kept alive by the caller while the slot is set."""
+        m = x.shape[0]
+        if x.dtype not in FLOATS or out.dtype not in FLOATS or ids.dtype != torch.int64 or w.dtype != torch.float32:
+            raise TypeError(f"cpu_experts poller: x/out float32 or bfloat16, ids int64, w float32; got "
+                            f"{x.dtype}, {out.dtype}, {ids.dtype}, {w.dtype}")
+        if not (x.shape == out.shape == (m, weights.hidden) and ids.shape == w.shape == (m, k)
+                and all(t.device.type == "cpu" and t.is_contiguous() for t in (x, ids, w, out))):
+            raise ValueError("cpu_experts poller: x and out [max_tokens, hidden], ids and w [max_tokens, k], "
+                             "contiguous on the CPU")
+        flags = (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
+        s = _Slot(*weights.addresses, *weights.types, weights.n_experts, weights.hidden, weights.intermediate, k, m,
+                  flags, PREFETCH, x.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr())
+        if self.lib.hr1_poller_slot(self.handle, index, ctypes.byref(s)):
+            raise ValueError(f"cpu_experts poller: slot {index} out of range")
+
+    def drop_slot(self, index: int) -> None:
+        """Slot `index` no longer computes (a call in flight on it finishes first): its requests are
+        answered NaN in its output buffer, which the caller keeps; its weights are not read again."""
+        if self.handle:
+            self.lib.hr1_poller_slot(self.handle, index, None)
+
+    def state(self) -> dict:
+        """requests, busy_s, compute_s, running, and `failure`: None or (kind, request, slot, detail);
+        after close(), the state it ended in."""
+        if not self.handle:
+            return self._final
+        v = (ctypes.c_int64 * 8)()
+        self.lib.hr1_poller_state(self.handle, v)
+        return {"requests": v[0], "busy_s": v[1] / 1e9, "compute_s": v[2] / 1e9, "running": bool(v[3]),
+                "failure": (POLLER_KINDS[v[4]], v[5], v[6], v[7]) if v[4] else None}
+
+    def close(self) -> None:
+        """End the thread (a call in flight finishes first); state() then keeps what it ended in."""
+        if getattr(self, "handle", None):
+            self.lib.hr1_poller_stop(self.handle)
+            final = self.state()  # after the join: nothing is served after it
+            handle, self.handle = self.handle, None
+            self.lib.hr1_poller_free(handle)
+            self._final = final
+
+    def __del__(self):
+        self.close()
 
 
 _pools: dict[tuple, Pool] = {}

@@ -9,7 +9,11 @@ and reads the slot's output back. The host side is one worker thread per process
 shared by every slot: it polls the request word (a short spin, then sleep(0), then sleeps that
 back off while nothing comes), runs the slot's `compute(x, idx, w, out)` on the pinned buffers
 (ggml releases the GIL meanwhile) and publishes done. Requests come one at a time, in stream
-order: the stream waits for each before it can publish the next.
+order: the stream waits for each before it can publish the next. Layers whose engine is this
+project's native kernel hand over to `native_worker(pool)` instead (NativeWorker): the same
+protocol, served by the kernel's own C thread, so no Python runs between the request and the
+kernel (a Python worker's own share was 70-80 us a request on the device host). Each worker has
+its own control words and device counter.
 
 Failures surface as errors, never as a hang: a compute that raises, a request number out of
 sequence or a slot unknown to the worker poisons the output (NaN), publishes done and records a
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import threading
 import time
 import types
@@ -81,11 +86,16 @@ class HostWorker:
         self.slots: dict[int, Slot] = {}
         self._next_slot = 0
         self._seq: dict[torch.device, torch.Tensor] = {}  # the request counter, in device memory
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a slot's finalizer may run inside a locked section
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.failure: HandoffError | None = None
-        self.stats = {"requests": 0, "compute_s": 0.0, "busy_s": 0.0}  # busy: request seen to done published
+        self._stats = {"requests": 0, "compute_s": 0.0, "busy_s": 0.0}  # busy: request seen to done published
+
+    @property
+    def stats(self) -> dict:
+        """requests served, seconds computing, seconds busy (request seen to done published)."""
+        return self._stats
 
     # ---- registration (the caller's thread) ----------------------------------------------------
     def add_slot(self, name: str, compute: Compute, hidden: int, k: int, dtype: torch.dtype, idx_dtype: torch.dtype,
@@ -106,7 +116,8 @@ class HostWorker:
         return slot
 
     def seq(self, device: torch.device) -> torch.Tensor:
-        """The device counter the stream numbers its requests with (one device per process)."""
+        """The device counter the stream numbers its requests with, then the word collect passes its
+        verdict in (one device per worker)."""
         with self._lock:
             if device not in self._seq:
                 if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a graph would reset it
@@ -114,7 +125,8 @@ class HostWorker:
                 if self._seq:
                     raise HandoffError(f"overlapped calls come from {next(iter(self._seq))} already; "
                                        f"a second device ({device}) would interleave its requests")
-                self._seq[device] = torch.full((1,), int(self._words[LAYOUT["req"]]), dtype=torch.int64, device=device)
+                # the counter, then the word kernels/handoff.collect passes its verdict in
+                self._seq[device] = torch.tensor([int(self._words[LAYOUT["req"]]), 0], dtype=torch.int64, device=device)
             return self._seq[device]
 
     def start(self) -> None:
@@ -132,6 +144,9 @@ class HostWorker:
         if t is not None:
             t.join(timeout)
         self._thread = None
+        self._answer_in_flight()
+
+    def _answer_in_flight(self) -> None:
         req, done = int(self._words[LAYOUT["req"]]), int(self._words[LAYOUT["done"]])
         if req != done:
             slot = self.slots.get(int(self._words[LAYOUT["slot"]]))
@@ -179,7 +194,7 @@ class HostWorker:
                     raise
             last = req
             idle_since = time.perf_counter()
-            self.stats["busy_s"] += idle_since - t0
+            self._stats["busy_s"] += idle_since - t0
         # (stop() answers whatever is still pending once the thread has ended)
 
     def _serve(self, req: int, last: int) -> None:
@@ -200,8 +215,8 @@ class HostWorker:
             compute(slot.x[:n], slot.idx[:n], slot.w[:n], slot.out[:n])
         except Exception as e:  # noqa: BLE001 - reported on the caller's thread, with the cause
             return self._fail(req, slot, f"{slot.name}: {type(e).__name__}: {e}", e)
-        self.stats["compute_s"] += time.perf_counter() - t0
-        self.stats["requests"] += 1
+        self._stats["compute_s"] += time.perf_counter() - t0
+        self._stats["requests"] += 1
         words[LAYOUT["done"]] = req  # after the output: x86 keeps stores in order, the GPU acquires
 
     def _fail(self, req: int, slot: Slot | None, why: str | None, cause: BaseException | None = None) -> None:
@@ -237,6 +252,102 @@ class HostWorker:
         return slot.out[:n].clone()
 
 
+def _served_in_c(x, idx, w, out) -> None:
+    raise HandoffError("a kernel slot is served by the native poller, not by Python")
+
+
+class NativeWorker(HostWorker):
+    """A HostWorker whose thread is the native kernel's own (cpu_kernels.Poller, in C): for its
+    slots (add_kernel_slot) no Python runs between the stream's request and the kernel, so the
+    interpreter and its lock stay out of every MoE layer's hand-over. The protocol, the control
+    words, the failures (NaN, done, a HandoffError on the caller's side), `post`/`answer` and the
+    stream's side are HostWorker's; the poller spins HOT_S after a request, then looks every
+    IDLE_SLEEP_S."""
+
+    def __init__(self, pool, pinned: bool = True):
+        super().__init__(pinned)
+        self.pool = pool  # cpu_kernels.Pool: the threads that compute (the poller is their caller)
+        self._poller = None
+        self._kernel_slots: dict[int, tuple] = {}  # index -> (weights, k), set again by start()
+
+    def add_kernel_slot(self, name: str, owner: object, weights, k: int, dtype: torch.dtype,
+                        max_tokens: int) -> Slot:
+        """Pinned buffers for calls of up to `max_tokens` tokens of `weights`' experts (top-k `k`),
+        computed by the poller. The slot, and its hold on the weights' memory, goes with `owner`."""
+        slot = self.add_slot(name, _served_in_c, weights.hidden, k, dtype, torch.int64, max_tokens)
+        with self._lock:
+            if self._poller is not None:
+                try:
+                    self._poller.set_slot(slot.index, weights, k, slot.x, slot.idx, slot.w, slot.out)
+                except ValueError as e:
+                    raise HandoffError(f"{name}: {e} (the process has registered {slot.index} overlapped "
+                                       "layers: slots are not reused)") from None
+            self._kernel_slots[slot.index] = (weights, k)
+        weakref.finalize(owner, self._drop, slot.index)
+        return slot
+
+    def _drop(self, index: int) -> None:
+        """The operator is gone: its weights are let go; the slot's buffers stay (a graph may still
+        name them: the C thread answers its requests NaN there)."""
+        with self._lock:
+            if self._poller is not None:
+                self._poller.drop_slot(index)  # waits for a call in flight on it
+            self._kernel_slots.pop(index, None)
+
+    def start(self) -> None:
+        from .cpu_kernels import Poller
+
+        with self._lock:
+            if self._poller is not None and self._poller.state()["running"]:
+                return
+            self._poller = Poller(self.pool, self.ctrl, LAYOUT, int(HOT_S * 1e9), int(IDLE_SLEEP_S * 1e9))
+            for index, (weights, k) in list(self._kernel_slots.items()):  # a finalizer may drop one meanwhile
+                s = self.slots[index]
+                self._poller.set_slot(index, weights, k, s.x, s.idx, s.w, s.out)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            if self._poller is not None:
+                self._poller.close()  # joins: a call in flight finishes first
+                failure = self._poller.state()["failure"]
+                if failure is not None and self.failure is None:  # kept past a restart
+                    self.failure = HandoffError(self._why(*failure))
+        self._answer_in_flight()
+
+    @property
+    def alive(self) -> bool:
+        return self._poller is not None and self._poller.state()["running"]
+
+    @property
+    def stats(self) -> dict:
+        if self._poller is None:
+            return dict(self._stats)
+        st = self._poller.state()
+        return {"requests": st["requests"], "compute_s": st["compute_s"], "busy_s": st["busy_s"]}
+
+    def raise_if_failed(self) -> None:
+        failure = self._poller.state()["failure"] if self._poller is not None else None
+        if failure is not None and self.failure is None:
+            self.failure = HandoffError(self._why(*failure))
+        super().raise_if_failed()
+
+    def _why(self, kind: str, req: int, index: int, detail: int) -> str:
+        from .cpu_kernels import ERRORS
+
+        slot = self.slots.get(index)
+        name = slot.name if slot is not None else f"slot {index}"
+        if kind == "sequence":
+            return f"request {req} arrived after {detail} (one at a time, in order)"
+        if kind == "slot":
+            return f"request {req} names slot {index}, which no live caller holds"
+        if kind == "tokens":
+            return f"request {req} for {name} has {detail} tokens (1..{slot.max_tokens if slot else '?'})"
+        weights = self._kernel_slots.get(index, (None,))[0]
+        if detail == -2 and weights is not None:
+            return f"{name}: expert ids must lie in [0, {weights.n_experts})"
+        return f"{name}: the native kernel failed: {ERRORS.get(detail, f'error {detail}')}"
+
+
 _worker: HostWorker | None = None
 _worker_lock = threading.Lock()
 
@@ -250,6 +361,38 @@ def worker() -> HostWorker:
             atexit.register(_worker.stop)
         _worker.start()
         return _worker
+
+
+_native_workers: dict[int, NativeWorker] = {}
+_fork_hook: list[bool] = []  # registered once, with the first native worker
+
+
+def native_worker(pool) -> NativeWorker:
+    """The process's worker for calls of the native kernel on `pool` (a cpu_kernels.Pool), started
+    on first use, stopped at exit. Its requests are numbered apart from worker()'s: each worker has
+    its own control words and device counter, and the stream waits for every call before the next."""
+    with _worker_lock:
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forget_native_workers)
+            _fork_hook.append(True)
+        w = _native_workers.get(id(pool))
+        if w is None:
+            w = _native_workers[id(pool)] = NativeWorker(pool, pinned=torch.cuda.is_available())
+            atexit.register(w.stop)
+        w.start()
+        return w
+
+
+def _forget_native_workers() -> None:
+    """In a forked child: the C threads did not come along (joining them would wait forever), so
+    the workers forget their pollers without freeing them, and the child makes its own."""
+    global _worker_lock
+    _worker_lock = threading.Lock()
+    for w in _native_workers.values():
+        if w._poller is not None:
+            w._poller.handle = None
+            w._poller = None
+    _native_workers.clear()
 
 
 def overlapped(w: HostWorker, slot: Slot, x: torch.Tensor, idx: torch.Tensor, topk_w: torch.Tensor,

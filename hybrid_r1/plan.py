@@ -157,6 +157,18 @@ def fits(plan: MemoryPlan, device: str, free: int | None) -> bool | None:
 Q4_K_M_TYPES = (12, 12, 14)  # Q4_K gate/up, Q6_K down: what a plan without a checkpoint assumes
 
 
+def _decode_handoff(m, engine) -> str:
+    """How an overlapped operator's decode calls reach `engine` (experts_ggml_overlap.py)."""
+    from .ops.experts_ggml_overlap import OverlappedGGMLExperts
+
+    if not isinstance(m, OverlappedGGMLExperts):
+        return ""
+    if engine.c_handoff():
+        return "; decode overlapped, handed over in C"
+    return "; decode serial (overlap auto: this engine is called from Python)" if m.auto \
+        else "; decode overlapped, handed over to the Python worker"
+
+
 def engine_lines(module: nn.Module, source=None) -> list[str]:
     """Which CPU engine computes the routed experts (cpu_engines.py), one line per distinct choice:
     as loaded (the operators chose at load) or, on a placed meta model, as a load from `source`
@@ -170,13 +182,13 @@ def engine_lines(module: nn.Module, source=None) -> list[str]:
         if not isinstance(m, GGMLExperts):
             continue
         if m.engine_class is not None:
-            line = f"{m.engine_class.name} ({m.engine_why})"
+            line = f"{m.engine_class.name} ({m.engine_why})" + _decode_handoff(m, m.engine_class)
         else:
             found = source.ggml_experts(layer_of(path)) if source is not None else None
             types = tuple(found[p].ggml_type for p in ("gate", "up", "down")) if found else Q4_K_M_TYPES
             try:
                 cls, why = cpu_engines.choose(m.engine, types)
-                line = f"{cls.name} ({why})"
+                line = f"{cls.name} ({why})" + _decode_handoff(m, cls)
             except cpu_engines.EngineError as e:
                 line = f"NONE: {e}"
         groups[line].append(layer_of(path))

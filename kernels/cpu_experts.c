@@ -620,6 +620,7 @@ typedef struct {
     atomic_int sleepers;
     atomic_int quit;
     job *cur;
+    pthread_mutex_t call;  /* one call at a time: Python's callers and the hand-over poller share a pool */
     pthread_t th[MAX_THREADS];
     int cpu[MAX_THREADS];  /* -1: not pinned */
     /* scratch, grown as calls need */
@@ -704,6 +705,7 @@ void *hr1_pool_new(int n, const int *cpus, long spin_ns) {
     if (!p) return NULL;
     p->n = n;
     p->spin_ns = spin_ns;
+    pthread_mutex_init(&p->call, NULL);
     for (int i = 1; i < n; i++) {
         p->cpu[i] = cpus ? cpus[i - 1] : -1;
         worker_arg *a = malloc(sizeof *a);
@@ -727,6 +729,7 @@ void hr1_pool_free(void *pv) {
     atomic_store(&p->quit, 1);
     wake(p);
     for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
+    pthread_mutex_destroy(&p->call);
     free(p->xq); free(p->hq); free(p->h); free(p->acc); free(p->order); free(p->start); free(p->expert); free(p->count);
     free(p);
 }
@@ -741,10 +744,9 @@ enum { X_BF16 = 1, OUT_BF16 = 2 };
 /* out[T, hidden] = the routed experts of x[T, hidden], ids[T, k] (int64), w[T, k] (float32); x and
  * out float32, or bf16 where flags say (X_BF16, OUT_BF16: a GPU's decode buffers, no conversion pass).
  * Returns 0, or -1 for a type it does not compute, -2 for an expert id out of range, -3 out of memory. */
-int hr1_moe(void *pv, const uint8_t *gate, const uint8_t *up, const uint8_t *down, int tg, int tu, int td,
-            int n_experts, int hidden, int inter, int T, int k, const void *x, const int64_t *ids,
-            const float *wt, void *out, int pf, int flags) {
-    pool *p = pv;
+static int moe(pool *p, const uint8_t *gate, const uint8_t *up, const uint8_t *down, int tg, int tu, int td,
+              int n_experts, int hidden, int inter, int T, int k, const void *x, const int64_t *ids,
+              const float *wt, void *out, int pf, int flags) {
     const int types[3] = {tg, tu, td};
     job j;
     memset(&j, 0, sizeof j);
@@ -826,4 +828,169 @@ int hr1_moe(void *pv, const uint8_t *gate, const uint8_t *up, const uint8_t *dow
         if (i > 4096) sched_yield();
     }
     return 0;
+}
+
+int hr1_moe(void *pv, const uint8_t *gate, const uint8_t *up, const uint8_t *down, int tg, int tu, int td,
+            int n_experts, int hidden, int inter, int T, int k, const void *x, const int64_t *ids,
+            const float *wt, void *out, int pf, int flags) {
+    pool *p = pv;
+    pthread_mutex_lock(&p->call);
+    const int rc = moe(p, gate, up, down, tg, tu, td, n_experts, hidden, inter, T, k, x, ids, wt, out, pf, flags);
+    pthread_mutex_unlock(&p->call);
+    return rc;
+}
+
+/* ---- the hand-over poller --------------------------------------------------------------------
+ * A decode step replayed as one CUDA graph hands each MoE layer's routed experts to the host through
+ * control words in pinned memory (hybrid_r1/handoff.py states the protocol, kernels/handoff.py is
+ * the stream's side). For layers this kernel computes, this thread is the host side: it polls the
+ * request word, runs the slot's call on its pinned buffers as the pool's calling thread and
+ * publishes done. Why in C: with a Python worker the interpreter (and its lock) sat between the
+ * GPU's request and the kernel, 70-80 us a layer on the device host. Failures answer the stream
+ * (NaN output, done) and are recorded for hr1_poller_state; after one, every request gets NaN at
+ * once, with no compute on a state that went wrong. */
+
+typedef struct {
+    const uint8_t *gate, *up, *down;
+    int tg, tu, td, n_experts, hidden, inter, k, max_tokens, flags, pf;
+    const void *x;
+    const int64_t *ids;
+    const float *w;
+    void *out;
+} hr1_slot;
+
+enum { MAX_SLOTS = 8192 };  /* slots are not reused: a dropped one still answers NaN */
+enum { F_SEQUENCE = 1, F_SLOT = 2, F_TOKENS = 3, F_KERNEL = 4 };  /* what failed (state word 4) */
+
+typedef struct {
+    pool *p;
+    int64_t *ctrl;
+    int w_req, w_slot, w_ntok, w_done;
+    long hot_ns, idle_ns;  /* spin this long after a request, then look every idle_ns */
+    pthread_mutex_t lock;  /* the slot table, against a call in flight */
+    hr1_slot slot[MAX_SLOTS];
+    unsigned char state[MAX_SLOTS];  /* 0 never set, 1 live, 2 dropped (its buffers still answer NaN) */
+    atomic_int quit, running;
+    pthread_t th;
+    atomic_long requests, busy_ns, compute_ns;
+    atomic_int failed;
+    int64_t fail[4];  /* kind, request, slot, detail (the last done, the tokens, the kernel's code) */
+} poller;
+
+static int64_t load_acquire(const int64_t *w) { return __atomic_load_n(w, __ATOMIC_ACQUIRE); }
+
+static void nan_fill(const hr1_slot *s) {
+    const size_t n = (size_t)s->max_tokens * s->hidden;
+    if (s->flags & OUT_BF16) {
+        for (size_t i = 0; i < n; i++) ((uint16_t *)s->out)[i] = 0x7FC0;
+    } else {
+        for (size_t i = 0; i < n; i++) ((float *)s->out)[i] = NAN;
+    }
+}
+
+static void serve(poller *q, int64_t req, int64_t last) {
+    const int64_t index = q->ctrl[q->w_slot], n = q->ctrl[q->w_ntok];
+    pthread_mutex_lock(&q->lock);
+    const int st = index >= 0 && index < MAX_SLOTS ? q->state[index] : 0;
+    const hr1_slot *s = st ? &q->slot[index] : NULL;
+    int kind = 0;
+    int64_t detail = 0;
+    if (atomic_load(&q->failed)) kind = -1;  /* NaN, nothing new to record */
+    else if (req != last + 1) { kind = F_SEQUENCE; detail = last; }
+    else if (st != 1) kind = F_SLOT;
+    else if (n < 1 || n > s->max_tokens) { kind = F_TOKENS; detail = n; }
+    else {
+        const long t = now_ns();
+        const int rc = hr1_moe(q->p, s->gate, s->up, s->down, s->tg, s->tu, s->td, s->n_experts, s->hidden,
+                               s->inter, (int)n, s->k, s->x, s->ids, s->w, s->out, s->pf, s->flags);
+        atomic_fetch_add(&q->compute_ns, now_ns() - t);
+        if (rc) { kind = F_KERNEL; detail = rc; }
+        else atomic_fetch_add(&q->requests, 1);
+    }
+    if (kind > 0) {
+        q->fail[0] = kind; q->fail[1] = req; q->fail[2] = index; q->fail[3] = detail;
+        atomic_store_explicit(&q->failed, 1, memory_order_release);  /* after fail[]: state reads it so */
+    }
+    if (kind && s) nan_fill(s);
+    pthread_mutex_unlock(&q->lock);
+    __atomic_store_n(&q->ctrl[q->w_done], req, __ATOMIC_RELEASE);  /* after the output (x86: stores in order) */
+}
+
+static void *poll_loop(void *arg) {
+    poller *q = arg;
+    int64_t last = load_acquire(&q->ctrl[q->w_done]);
+    long idle_since = now_ns();
+    for (unsigned i = 0; !atomic_load_explicit(&q->quit, memory_order_relaxed); i++) {
+        const int64_t req = load_acquire(&q->ctrl[q->w_req]);
+        if (req == last) {
+            PAUSE();
+            if ((i & 255) == 255 && now_ns() - idle_since > q->hot_ns) {
+                struct timespec ts = {0, q->idle_ns};
+                nanosleep(&ts, NULL);
+            }
+            continue;
+        }
+        const long t0 = now_ns();
+        serve(q, req, last);
+        last = req;
+        idle_since = now_ns();
+        atomic_fetch_add(&q->busy_ns, idle_since - t0);
+    }
+    atomic_store(&q->running, 0);
+    return NULL;
+}
+
+/* ctrl: the int64 control words (pinned); w_*: the offsets of the request, slot, tokens and done
+ * words in it. Starts the thread; NULL if it could not. */
+void *hr1_poller_new(void *pv, int64_t *ctrl, int w_req, int w_slot, int w_ntok, int w_done, long hot_ns,
+                     long idle_ns) {
+    poller *q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    q->p = pv; q->ctrl = ctrl;
+    q->w_req = w_req; q->w_slot = w_slot; q->w_ntok = w_ntok; q->w_done = w_done;
+    q->hot_ns = hot_ns; q->idle_ns = idle_ns;
+    pthread_mutex_init(&q->lock, NULL);
+    atomic_store(&q->running, 1);
+    if (pthread_create(&q->th, NULL, poll_loop, q) != 0) {
+        pthread_mutex_destroy(&q->lock);
+        free(q);
+        return NULL;
+    }
+    return q;
+}
+
+/* Registers (s) or drops (s NULL) slot `index`; a call in flight on it finishes first. A dropped
+ * slot's requests are answered NaN in its output buffer, which the caller keeps; its weights are
+ * never read again. 0, or -1 for an index out of range. */
+int hr1_poller_slot(void *qv, int index, const hr1_slot *s) {
+    poller *q = qv;
+    if (index < 0 || index >= MAX_SLOTS) return -1;
+    pthread_mutex_lock(&q->lock);
+    if (s) q->slot[index] = *s;
+    if (s || q->state[index]) q->state[index] = s ? 1 : 2;
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+/* out[8]: requests served, ns busy (request seen to done), ns in the kernel, running, and the first
+ * failure: kind (0 none), request, slot, detail. Takes no lock: it never waits for a call. */
+void hr1_poller_state(void *qv, int64_t *out) {
+    poller *q = qv;
+    out[0] = atomic_load(&q->requests); out[1] = atomic_load(&q->busy_ns); out[2] = atomic_load(&q->compute_ns);
+    out[3] = atomic_load(&q->running);
+    const int failed = atomic_load_explicit(&q->failed, memory_order_acquire);
+    for (int i = 0; i < 4; i++) out[4 + i] = failed ? q->fail[i] : 0;
+}
+
+/* Ends the thread; a call in flight finishes first. The state stays readable until hr1_poller_free. */
+void hr1_poller_stop(void *qv) {
+    poller *q = qv;
+    if (!atomic_exchange(&q->quit, 1)) pthread_join(q->th, NULL);
+}
+
+void hr1_poller_free(void *qv) {
+    poller *q = qv;
+    hr1_poller_stop(q);
+    pthread_mutex_destroy(&q->lock);
+    free(q);
 }

@@ -10,8 +10,11 @@ any output is read. Plain stores and volatile loads are enough for the rest. No 
 memory (PCIe atomics are not available on every host). The request number comes from a counter in
 device memory that `submit` increments, so a replayed graph publishes a new number every time.
 
-`collect` gives up after `timeout_ns` of GPU time (%globaltimer): it sets the error word and writes
-NaN instead of hanging the stream forever, so a dead host thread shows as an error, not a hang.
+`collect` runs one CTA per block of the output, so the reads of host memory (a PCIe round trip
+each) go in parallel: CTA 0 alone polls the done word and passes its verdict to the others through
+the counter's second word, in device memory. It gives up after `timeout_ns` of GPU time
+(%globaltimer): it sets the error word and writes NaN instead of hanging the stream forever, so a
+dead host thread shows as an error, not a hang.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ def _st_release_sys(ptr, value):
 @triton.jit
 def _ld_acquire_sys(ptr):
     return tl.inline_asm_elementwise("ld.acquire.sys.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _st_release_gpu(ptr, value):
+    return tl.inline_asm_elementwise("st.release.gpu.global.b64 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,l",
+                                     [ptr, value], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _ld_acquire_gpu(ptr):
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
                                      is_pure=False, pack=1)
 
 
@@ -79,24 +94,31 @@ def _submit_kernel(x, idx, w, hx, hidx, hw, seq, ctrl, slot, n_tokens, n_x, n_k,
 def _collect_kernel(hout, beside, out, seq, ctrl, n, timeout_ns, sleep_ns, HAS_BESIDE: tl.constexpr,
                     DONE: tl.constexpr, ERR: tl.constexpr, BLOCK: tl.constexpr):
     number = tl.load(seq)
-    t0 = _now_ns(number)
-    seen = _ld_acquire_sys(ctrl + DONE)
-    waited = t0 - t0
-    while (seen != number) & (waited <= timeout_ns):
-        _nanosleep(sleep_ns)
+    if tl.program_id(0) == 0:  # the one CTA that reads the done word over PCIe
+        t0 = _now_ns(number)
         seen = _ld_acquire_sys(ctrl + DONE)
-        waited = _now_ns(seen) - t0
-    ok = seen == number
-    if seen != number:
-        tl.store(ctrl + ERR, number)
-    for s in range(0, n, BLOCK):
-        o = s + tl.arange(0, BLOCK)
-        m = o < n
-        y = tl.load(hout + o, mask=m, volatile=True).to(tl.float32)
-        if HAS_BESIDE:
-            y += tl.load(beside + o, mask=m).to(tl.float32)
-        y = tl.where(ok, y, float("nan"))
-        tl.store(out + o, y.to(out.dtype.element_ty), mask=m)
+        waited = t0 - t0
+        while (seen != number) & (waited <= timeout_ns):
+            _nanosleep(sleep_ns)
+            seen = _ld_acquire_sys(ctrl + DONE)
+            waited = _now_ns(seen) - t0
+        if seen != number:
+            tl.store(ctrl + ERR, number)
+        verdict = tl.where(seen == number, number, -number)
+        _st_release_gpu(seq + 1, verdict)  # tells the other CTAs, in device memory
+    else:  # the others wait for CTA 0's verdict (+number answered, -number timed out)
+        verdict = _ld_acquire_gpu(seq + 1)
+        while (verdict != number) & (verdict != -number):
+            _nanosleep(64)
+            verdict = _ld_acquire_gpu(seq + 1)
+    ok = verdict == number
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    y = tl.load(hout + o, mask=m, volatile=True).to(tl.float32)
+    if HAS_BESIDE:
+        y += tl.load(beside + o, mask=m).to(tl.float32)
+    y = tl.where(ok, y, float("nan"))
+    tl.store(out + o, y.to(out.dtype.element_ty), mask=m)
 
 
 def submit(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, hx: torch.Tensor, hidx: torch.Tensor,
@@ -117,7 +139,9 @@ def collect(hout: torch.Tensor, beside: torch.Tensor | None, seq: torch.Tensor, 
     out = torch.empty(shape, dtype=dtype, device=seq.device)
     if beside is not None:
         assert beside.shape == out.shape and beside.is_contiguous()
-    _collect_kernel[(1,)](hout, beside if beside is not None else out, out, seq, ctrl, out.numel(), timeout_ns,
+    assert seq.numel() >= 2  # the counter, then CTA 0's verdict
+    _collect_kernel[(triton.cdiv(out.numel(), _BLOCK),)](hout, beside if beside is not None else out, out, seq, ctrl,
+                                                        out.numel(), timeout_ns,
                           POLL_SLEEP_NS, HAS_BESIDE=beside is not None, DONE=layout["done"], ERR=layout["err"],
                           BLOCK=_BLOCK, num_warps=4)
     return out

@@ -345,9 +345,10 @@ def test_plan_and_the_startup_line_name_the_engine(tmp_path, capsys):
         n = (96 if fast == "kt_llamafile" else 256) if simd == 2 else 1
         kind = "AVX-512" if simd == 2 else "AVX2"
         assert (f"CPU experts engine: native (auto: native ({kind}) up to {n} token{'s' * (n != 1)} a call, {fast} "
-                "above, for Q4_K/Q4_K/Q6_K), layers 3-60") in out
-    else:
-        assert f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K), layers 3-60" in out
+                "above, for Q4_K/Q4_K/Q6_K); decode overlapped, handed over in C, layers 3-60") in out
+    else:  # overlap auto in the default rules: serial where the engine is called from Python
+        assert (f"CPU experts engine: {fast} (auto: the fastest installed engine for Q4_K/Q4_K/Q6_K); decode serial "
+                "(overlap auto: this engine is called from Python), layers 3-60") in out
     rules = tmp_path / "r.yaml"
     rules.write_text("- name: '\\.mlp\\.experts$'\n  op: experts.ggml_cpu\n  device: cpu\n  args: {engine: ggml}\n")
     assert main(["plan", "--rules", str(rules)]) == 0

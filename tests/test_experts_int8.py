@@ -130,4 +130,5 @@ def test_all_int8_model_on_one_gpu(tmp_path, scheme):
     cache = fused.new_cache()
     graphed = fused.generate(ids, max_new_tokens=12, stop=[], cache=cache)
     assert list(graphed) == list(fused.generate(ids, max_new_tokens=12, stop=[], cuda_graphs=False))
-    assert len(fused.decode_graphs(cache).segments) == 1  # one graph: nothing breaks it
+    runner = fused.decode_graphs(cache)
+    assert runner.breaks == 0 and len(runner.segments) == 1  # one graph: nothing breaks it

@@ -116,7 +116,7 @@ def test_cuda_graphs_hybrid_rules(tmp_path):
     assert list(graphed) == list(eager)
     runner = model.decode_graphs(cache)
     n_moe = sum(1 for b in model.module.model.layers if model.config.is_moe_layer(b.self_attn.layer))
-    assert runner.use_graphs and len(runner.segments) == 2 * n_moe + 1  # graph, CPU experts, ..., graph
+    assert runner.use_graphs and runner.breaks == n_moe and len(runner.segments) == 2 * n_moe + 1  # graph, CPU experts, ..., graph
 
 
 

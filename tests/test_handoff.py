@@ -14,6 +14,7 @@ bit for bit expected; the bound allowed is one bf16 step at the logits' scale).
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -24,7 +25,8 @@ import torch
 from conftest import needs_cuda
 from test_experts_ggml import PREFIX, FakeSource, expert_tensors
 
-from hybrid_r1.handoff import LAYOUT, HandoffError, HostWorker
+from hybrid_r1 import cpu_kernels, ggml_lib, handoff
+from hybrid_r1.handoff import LAYOUT, HandoffError, HostWorker, NativeWorker
 from hybrid_r1.ops import OpArgsError
 from hybrid_r1.ops.experts_ggml import GGMLArgs, GGMLExperts
 from hybrid_r1.ops.experts_ggml_overlap import OverlappedGGMLExperts
@@ -54,8 +56,8 @@ def worker():
     w.stop()
 
 
-def roundtrip(worker, slot, x, idx, w, number=None):
-    slot.out.fill_(math.nan)  # poison: a request the worker skipped cannot pass
+def roundtrip(worker, slot, x, idx, w, number=None, poison=math.nan):
+    slot.out.fill_(poison)  # NaN: a request the worker skipped cannot pass; a number: one it did not poison
     n = worker.post(slot, x, idx, w, number)
     out = worker.answer(slot, n, x.shape[0], WAIT_S)
     assert out is not None, "the worker did not answer"
@@ -147,6 +149,10 @@ def test_stop_ends_the_thread_and_answers_a_request_in_flight():
     w.start()
     slot = w.add_slot("slow", lambda *a: (time.sleep(0.3), toy(*a)), H, K, torch.float32, torch.int64, 1)
     roundtrip(w, slot, *inputs(1, seed=7))
+    assert_stop_answers_a_request_in_flight(w, slot)
+
+
+def assert_stop_answers_a_request_in_flight(w, slot):
     w.stop()
     assert not w.alive
     n = w.post(slot, *inputs(1, seed=8))  # nobody serves it now: the stream's own timeout applies ...
@@ -162,6 +168,131 @@ def test_stream_timeout_is_reported():
     w.ctrl[LAYOUT["err"]] = 5
     with pytest.raises(HandoffError, match="waited too long for request 5"):
         w.raise_if_failed()
+
+
+# ---- the native kernel's own poller (cpu_kernels.Poller behind handoff.NativeWorker) --------------
+# The same protocol served in C: every request answered with exactly what the kernel gives when
+# called directly on the same inputs (same code, same order of operations: bit for bit), into a
+# poisoned output; each failure answers NaN and names its cause on the caller's side.
+
+NATIVE = cpu_kernels.missing()
+needs_native = pytest.mark.skipif(NATIVE is not None, reason=f"no native kernel: {NATIVE}")
+Q4_K_M = (12, 12, 14)  # Q4_K gate and up, Q6_K down
+
+
+class _Owner:
+    """Stands for the operator a kernel slot belongs to."""
+
+
+def _kernel_weights(seed: int) -> ggml_lib.ExpertWeights:
+    t = expert_tensors(Q4_K_M, seed=seed)
+    return ggml_lib.ExpertWeights(t["gate"].data, t["up"].data, t["down"].data, Q4_K_M, H, H)
+
+
+@pytest.fixture
+def native():
+    w = NativeWorker(cpu_kernels.Pool(2), pinned=False)
+    w.start()
+    yield w
+    w.stop()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_worker_answers_each_request_with_the_kernel(native, dtype):
+    weights, owner = _kernel_weights(40), _Owner()
+    slot = native.add_kernel_slot("blk.3.experts", owner, weights, K, dtype, max_tokens=4)
+    for step in range(6):  # varying token counts, fresh inputs
+        x, idx, w = inputs(1 + step % 4, seed=50 + step, dtype=dtype)
+        want = torch.full(x.shape, math.nan, dtype=dtype)
+        native.pool.moe(weights, x, idx, w, want)
+        assert torch.equal(roundtrip(native, slot, x, idx, w), want)  # NaN anywhere would not be equal
+    native.raise_if_failed()
+    stats = native.stats
+    assert stats["requests"] == 6 and 0 < stats["compute_s"] <= stats["busy_s"]
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["ids", "sequence", "tokens", "dropped"])
+def test_native_worker_answers_a_bad_request_with_nan_and_says_why(native, case):
+    weights, owner = _kernel_weights(41), _Owner()
+    slot = native.add_kernel_slot("blk.5.experts", owner, weights, K, torch.float32, max_tokens=2)
+    assert not roundtrip(native, slot, *inputs(1, seed=60)).isnan().any()
+    last = int(native.ctrl[LAYOUT["req"]])
+    x, idx, w = inputs(1, seed=61)
+    seven = 7.0  # the output's old contents: the answer must be NaN written by the worker, not them
+    if case == "ids":
+        idx[0, 1] = E  # out of range: the kernel refuses it before it reads a row
+        out, why = roundtrip(native, slot, x, idx, w, poison=seven), rf"blk.5.experts: expert ids must lie in \[0, {E}\)"
+    elif case == "sequence":
+        out = roundtrip(native, slot, x, idx, w, number=last + 2, poison=seven)
+        why = f"request {last + 2} arrived after {last}"
+    elif case == "tokens":  # a token count past the slot's room, as a broken stream might write
+        slot.out.fill_(seven)
+        words = native._words
+        words[LAYOUT["slot"]], words[LAYOUT["ntok"]] = slot.index, 3
+        words[LAYOUT["req"]] = last + 1
+        out, why = native.answer(slot, last + 1, 2, WAIT_S), rf"request {last + 1} for blk.5.experts has 3 tokens \(1..2\)"
+    else:
+        del owner  # the slot's hold on the weights goes with its operator; its buffers answer NaN
+        gc.collect()
+        assert slot.index not in native._kernel_slots
+        out = roundtrip(native, slot, x, idx, w, poison=seven)
+        why = f"names slot {slot.index}, which no live caller holds"
+    assert out is not None and out.isnan().all()
+    with pytest.raises(HandoffError, match=why):
+        native.raise_if_failed()
+    assert roundtrip(native, slot, *inputs(1, seed=62), poison=seven).isnan().all()  # later requests: NaN at once
+
+
+@needs_native
+def test_native_worker_restarts_and_stop_answers_a_request_in_flight():
+    w = NativeWorker(cpu_kernels.Pool(2), pinned=False)
+    w.start()
+    owner = _Owner()
+    slot = w.add_kernel_slot("blk.3.experts", owner, _kernel_weights(43), K, torch.float32, max_tokens=1)
+    first = roundtrip(w, slot, *inputs(1, seed=64))
+    w.stop()
+    assert not w.alive
+    w.start()  # a new thread serves the slots the worker had
+    assert torch.equal(roundtrip(w, slot, *inputs(1, seed=64)), first)
+    assert_stop_answers_a_request_in_flight(w, slot)
+
+
+@needs_native
+def test_overlapped_op_hands_the_native_kernel_its_own_poller():
+    tensors = expert_tensors(Q4_K_M, seed=44)
+    ops = {}
+    for engine in ("native", "ggml"):
+        ops[engine] = OverlappedGGMLExperts(E, H, H, threads=2, engine=engine)
+        ops[engine].load_weights(FakeSource(tensors), PREFIX)
+    assert isinstance(ops["native"]._default_worker(torch.bfloat16), NativeWorker)
+    assert type(ops["native"]._default_worker(torch.float16)) is HostWorker  # a dtype the kernel does not read
+    assert type(ops["ggml"]._default_worker(torch.bfloat16)) is HostWorker
+
+
+@pytest.mark.parametrize("engine, types", [("ggml", (8, 8, 8)), pytest.param("native", Q4_K_M, marks=needs_native)])
+def test_overlap_auto_hands_over_only_where_the_c_thread_serves(monkeypatch, engine, types):
+    from hybrid_r1 import graphs
+
+    assert GGMLArgs.parse({"overlap": "auto"}).overlap == "auto"
+    with pytest.raises(OpArgsError, match="overlap must be true or false or one of 'auto', got 'yes'"):
+        GGMLArgs.parse({"overlap": "yes"})
+    tensors = expert_tensors(types, seed=45)
+    op = OverlappedGGMLExperts(E, H, H, threads=2, engine=engine, overlap="auto")
+    op.load_weights(FakeSource(tensors), PREFIX)
+    serial = GGMLExperts(E, H, H, threads=2, engine=engine)
+    serial.load_weights(FakeSource(tensors), PREFIX)
+    c = engine == "native"  # the native kernel's C thread serves it; ggml would go through Python
+    assert op.hands_off == c
+    assert (op.graph_safe, op.host_sync, op.runs_beside, op.host_work) == (c, not c, c, c)
+    assert graphs.breaks_graph(op) == (not c)
+    assert ("overlapped (hand-over in C)" if c else "serial (overlap auto") in op.extra_repr()
+    if not c:  # a call that would hand over runs the serial path instead
+        monkeypatch.setattr(OverlappedGGMLExperts, "hands_over", staticmethod(lambda x: True))
+        x, idx, w = inputs(2, seed=46, dtype=torch.bfloat16)
+        assert not op.takes_handoff(x, idx)
+        assert torch.equal(op(x, idx, w), serial(x, idx, w))
 
 
 def test_overlap_arg_picks_the_overlapped_operator_and_cpu_calls_run_serially():
@@ -214,7 +345,7 @@ class _CPUStream:
     def submit(x, idx, w, hx, hidx, hw, seq, ctrl, slot, layout):
         n = x.shape[0]
         hx[:n], hidx[:n], hw[:n] = x, idx, w
-        seq += 1
+        seq[0] += 1
         ctrl[layout["slot"]], ctrl[layout["ntok"]] = slot, n
         ctrl[layout["req"]] = seq[0]
 
@@ -230,11 +361,14 @@ class _CPUStream:
         return (y if beside is None else y + beside.float()).to(dtype)
 
 
-def test_model_decode_through_the_worker_equals_serial(tmp_path, monkeypatch):
+@pytest.mark.parametrize("type_mix, engine", [("Q8_0", "ggml"),
+                                              pytest.param("Q4_K_M", "native", marks=needs_native)])
+def test_model_decode_through_the_worker_equals_serial(tmp_path, monkeypatch, type_mix, engine):
     # The whole overlapped path but the two Triton kernels, on the CPU: MoE passes the shared
     # expert beside, the op registers its slot (under a decode's inference mode), the process's
-    # worker runs ggml on it while this thread computes the shared expert; the same greedy tokens
-    # and, the same ggml graph on the same inputs, the same logits bit for bit.
+    # worker (Python for ggml, the kernel's C poller for native) computes it while this thread
+    # computes the shared expert; the same greedy tokens and, the same engine on the same inputs,
+    # the same logits bit for bit.
     import yaml
 
     import hybrid_r1
@@ -245,11 +379,11 @@ def test_model_decode_through_the_worker_equals_serial(tmp_path, monkeypatch):
     from hybrid_r1.synth import SyntheticWeights, preset_config
 
     cfg = preset_config("tiny", vocab_size=SMALL_VOCAB, q_lora_rank=128)
-    (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=4), tmp_path / "m.gguf", type_mix="Q8_0")
+    (gguf,) = write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=4), tmp_path / "m.gguf", type_mix=type_mix)
     rules = yaml.safe_load((Path(__file__).resolve().parent.parent / "rules" / "cpu-ggml-experts.yaml").read_text())
     models = {}
     for overlap in (False, True):
-        rules[0]["args"] = {"threads": 2, "overlap": overlap, "overlap_timeout_s": WAIT_S}
+        rules[0]["args"] = {"threads": 2, "overlap": overlap, "overlap_timeout_s": WAIT_S, "engine": engine}
         path = tmp_path / f"rules-{overlap}.yaml"
         path.write_text(yaml.safe_dump(rules))
         models[overlap] = hybrid_r1.load(gguf, rules=path)
@@ -258,9 +392,9 @@ def test_model_decode_through_the_worker_equals_serial(tmp_path, monkeypatch):
     monkeypatch.setattr(OverlappedGGMLExperts, "hands_over", staticmethod(lambda x: True))
     monkeypatch.setattr(hybrid_r1_kernels, "handoff", _CPUStream, raising=False)
     monkeypatch.setitem(__import__("sys").modules, "hybrid_r1_kernels.handoff", _CPUStream)
-    from hybrid_r1 import handoff
-
-    served = handoff.worker().stats["requests"]
+    chosen = ops[0]._default_worker(torch.float32)  # the process's, as the ops pick it
+    assert isinstance(chosen, NativeWorker) == (engine == "native")
+    served = chosen.stats["requests"]
     prompt = random_ids(6, seed=9)  # <= 8 tokens: the prompt hands over too
     runs = {}
     with torch.inference_mode():
@@ -271,14 +405,15 @@ def test_model_decode_through_the_worker_equals_serial(tmp_path, monkeypatch):
                 logits.append(forward_tokens(model.module, [int(logits[-1].argmax())], cache)[-1])
             runs[overlap] = torch.stack(logits)
     n_moe = sum(1 for b in models[True].module.model.layers if cfg.is_moe_layer(b.self_attn.layer))
-    assert handoff.worker().stats["requests"] - served == 7 * n_moe  # every MoE call of every step
+    assert all(op.worker is chosen for op in ops)
+    assert chosen.stats["requests"] - served == 7 * n_moe  # every MoE call of every step
     assert torch.equal(runs[True], runs[False])
-    handoff.worker().raise_if_failed()
+    chosen.raise_if_failed()
 
 
 # ---- on the GPU ------------------------------------------------------------------------------------
 
-def _hybrid_model(tmp_path, overlap: bool, timeout_s: float = 10.0):
+def _hybrid_model(tmp_path, overlap: bool, timeout_s: float = 10.0, type_mix: str = "Q8_0", engine: str = "auto"):
     import yaml
     from conftest import SMALL_VOCAB
 
@@ -286,14 +421,15 @@ def _hybrid_model(tmp_path, overlap: bool, timeout_s: float = 10.0):
     from hybrid_r1.formats.gguf_writer import write_gguf_from_checkpoint
     from hybrid_r1.synth import SyntheticWeights, preset_config
 
-    gguf = tmp_path / "m.gguf"
+    gguf = tmp_path / f"m-{type_mix}.gguf"
     if not gguf.exists():
         cfg = preset_config("tiny", vocab_size=SMALL_VOCAB, q_lora_rank=128)
-        write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=3), gguf, type_mix="Q8_0")
+        write_gguf_from_checkpoint(SyntheticWeights(cfg, seed=3), gguf, type_mix=type_mix)
     rules = yaml.safe_load((Path(__file__).resolve().parent.parent / "rules" / "int8-gpu-ggml-experts.yaml").read_text())
     rules[0]["args"]["overlap"] = overlap
     rules[0]["args"]["overlap_timeout_s"] = timeout_s  # a broken hand-shake fails fast, not in 60 s a layer
-    path = tmp_path / f"rules-{overlap}-{timeout_s}.yaml"
+    rules[0]["args"]["engine"] = engine
+    path = tmp_path / f"rules-{overlap}-{timeout_s}-{engine}.yaml"
     path.write_text(yaml.safe_dump(rules))
     return hybrid_r1.load(gguf, rules=path)
 
@@ -314,16 +450,22 @@ def _decode(model, prompt, steps):
 
 
 @needs_cuda
+@pytest.mark.parametrize("type_mix, engine", [("Q8_0", "ggml"),
+                                              pytest.param("Q4_K_M", "native", marks=needs_native)])
 @torch.inference_mode()
-def test_overlapped_decode_is_one_graph_and_equals_serial(tmp_path):
+def test_overlapped_decode_is_one_graph_and_equals_serial(tmp_path, type_mix, engine):
+    # ggml's layers hand over to the Python worker, the native kernel's to its C poller
     from conftest import random_ids
 
     prompt = random_ids(12, seed=6)
-    serial_toks, serial_logits, serial_runner = _decode(_hybrid_model(tmp_path, False), prompt, 24)
-    model = _hybrid_model(tmp_path, True)
+    serial_toks, serial_logits, serial_runner = _decode(_hybrid_model(tmp_path, False, type_mix=type_mix, engine=engine),
+                                                        prompt, 24)
+    model = _hybrid_model(tmp_path, True, type_mix=type_mix, engine=engine)
     toks, logits, runner = _decode(model, prompt, 24)
-    assert runner.use_graphs and len(runner.segments) == 1  # no break at the experts
-    assert len(serial_runner.segments) > 1
+    ops = [m for m in model.module.modules() if isinstance(m, OverlappedGGMLExperts)]
+    assert ops and all(isinstance(op.worker, NativeWorker) == (engine == "native") for op in ops)
+    assert runner.use_graphs and runner.breaks == 0  # no break at the experts: graphs only
+    assert serial_runner.breaks > 0
     assert toks == serial_toks
     bound = 2**-7 * serial_logits.abs().max().item()  # one bf16 step at the logits' scale
     assert (logits - serial_logits).abs().max().item() <= bound

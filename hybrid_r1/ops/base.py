@@ -19,7 +19,10 @@ guessing:
     host_work     part of its work runs on a host thread outside the stream, handed over inside it
                   (no host sync, capturable): `host_check()` raises what the host side hit; the
                   CUDA-graph runner calls it after each step
-and implements `from_module(module, device, dtype, args)` (build it, weights not loaded),
+These are read once the weights are loaded: an operator whose kind depends on them
+(experts.ggml_cpu with `overlap: auto`, which hands over only where its engine's C thread serves
+the layer) sets them on the instance in load_weights, to the values of the kind it then is.
+It implements `from_module(module, device, dtype, args)` (build it, weights not loaded),
 `load_weights(source, prefix, shard=None)` (fetch its tensors from a WeightSource),
 `planned_bytes(source, prefix, config)` (what its weights will take: `hybrid-r1 plan`) and, where it
 cannot take every checkpoint, `source_problem(source, prefix)` (checked from the headers, before

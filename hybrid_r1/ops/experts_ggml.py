@@ -50,7 +50,9 @@ class GGMLArgs(OpArgs):
     prefill_min_tokens: int | None = None  # calls of this many tokens run there; None: the cost model decides
     prefill_profile: str | None = None  # the cost model's machine profile (JSON); None: prefill_cost's defaults
     prefill_pinning: Literal["register", "bounce"] = "register"  # how the stream reads host memory
-    overlap: bool = False  # decode calls from a GPU hand over inside the stream (experts_ggml_overlap.py)
+    # decode calls from a GPU hand over inside the stream (experts_ggml_overlap.py); auto: where the
+    # layer's engine is the native kernel (its C thread serves the hand-over), else serial
+    overlap: bool | Literal["auto"] = False
     overlap_timeout_s: float = 60.0  # how long the stream waits for the CPU before it gives up (NaN, error)
     gpu_experts: int = 0  # this many of the layer's experts also on the GPU as INT8 (experts_resident.py)
     hot_experts: str | None = None  # routing counts (hybrid-r1 calibrate) choosing them; else the first N

@@ -122,6 +122,7 @@ class OverlappedResidentGGMLExperts(ResidentGGMLExperts, OverlappedGGMLExperts):
     host_sync = False
     runs_beside = True
     host_work = True
+    serial_kind = ResidentGGMLExperts
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, beside=None) -> torch.Tensor:
         if self.resident is None or not self.takes_handoff(x, topk_idx):
