@@ -12,7 +12,8 @@ device memory that `submit` increments, so a replayed graph publishes a new numb
 
 `collect` runs one CTA per block of the output, so the reads of host memory (a PCIe round trip
 each) go in parallel: CTA 0 alone polls the done word and passes its verdict to the others through
-the counter's second word, in device memory. It gives up after `timeout_ns` of GPU time
+the counter's second word, in device memory (the others have no timeout of their own: CTA 0
+always writes a verdict, answered or timed out). It gives up after `timeout_ns` of GPU time
 (%globaltimer): it sets the error word and writes NaN instead of hanging the stream forever, so a
 dead host thread shows as an error, not a hang.
 """
