@@ -38,20 +38,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def module_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor `module` holds, each once: parameters, buffers and the plain
+    tensors operators keep (the INT8 linears' weights and scales are attributes, not parameters)."""
+    seen, out = set(), []
+    for prefix, sub in module.named_modules():
+        own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False),
+               *((k, v) for k, v in vars(sub).items() if isinstance(v, torch.Tensor))]
+        for k, t in own:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                out.append((f"{prefix}.{k}" if prefix else k, t))
+    return out
+
+
 def weight_bytes(module: torch.nn.Module, skip_experts: bool) -> int:
-    total = 0
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if (skip_experts and ".experts." in name) or "embed_tokens" in name:  # one embedding row per token
-            continue
-        total += t.numel() * t.element_size()
-    for name, m in module.named_modules():  # INT8 operators hold plain tensors, not parameters
-        if skip_experts and ".experts." in name:
-            continue
-        for attr in ("weight", "weight_scale"):
-            t = getattr(m, attr, None)
-            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and attr in m.__dict__:
-                total += t.numel() * t.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for name, t in module_tensors(module)
+               if not (skip_experts and ".experts." in name) and "embed_tokens" not in name)  # one row a token
 
 
 class ZeroExperts(Operator):

@@ -38,6 +38,7 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_gpu import module_tensors
 from bench_experts_cpu import Q6_K, TiledSource, cpu_model, dram_read_gbs
 from bench_hybrid_decode import FULL_DENSE, FULL_MOE, RULES, HybridSource
 
@@ -211,8 +212,6 @@ def main(argv=None) -> int:
                     help="overlapped runs, one per pause of the stream between looks at the done word")
     ap.add_argument("--waits", nargs="*", default=[], choices=["blocking", "yield"],
                     help="also overlapped runs with these graphs.HOST_WORK_WAIT (before the default's run)")
-    ap.add_argument("--split-layers", action="store_true",
-                    help="also an overlapped run with a graph a layer (DecodeGraphs(split_layers=True))")
     ap.add_argument("--threads", type=int, default=0, help="the CPU engine's threads (0: one per physical core)")
     ap.add_argument("--native-spin-us", type=int, default=None,
                     help="engine native: how long idle workers spin before they sleep (cpu_kernels.SPIN_NS)")
@@ -267,14 +266,14 @@ def main(argv=None) -> int:
     embed = module.model.embed_tokens.weight
 
     def gpu_bytes(m: nn.Module) -> int:
-        return sum(x.numel() * x.element_size() for x in device_tensors(m) if x is not embed)
+        return sum(x.numel() * x.element_size() for _, x in module_tensors(m) if x.is_cuda and x is not embed)
 
-    def decode(mode: str, split: bool = False) -> dict:
+    def decode(mode: str) -> dict:
         for moe, o, s in zip(moes, overlapped, serial):
             moe.experts = s if mode == "serial" else o
         cache = rt.new_cache()
         logits = prefill(module, prompt, cache, 512)
-        runner = DecodeGraphs(module, cache, split_layers=split)
+        runner = DecodeGraphs(module, cache)
         nxt = int(logits.argmax())
         for _ in range(3):  # eager step + capture, then two replays
             nxt = int(runner.step(nxt).argmax())
@@ -313,7 +312,7 @@ def main(argv=None) -> int:
             res["worker"] = type(w).__name__
             w.raise_if_failed()
         else:  # the GPU part: the serial run's graphs back to back, nothing between them
-            is_graph = [isinstance(getattr(seg, "__self__", None), torch.cuda.CUDAGraph) for seg in runner.segments]
+            is_graph = [graphs.is_replay(seg) for seg in runner.segments]
             replays = [seg for seg, g in zip(runner.segments, is_graph) if g]
             gt, each = [], [[] for _ in replays]
             marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(replays) + 1)]
@@ -367,8 +366,6 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         results["serial"] = decode("serial")
         try:
-            if args.split_layers:
-                results["overlapped, a graph a layer"] = decode("overlapped", split=True)
             for wait in args.waits:
                 graphs.HOST_WORK_WAIT = wait
                 results[f"overlapped, the step's end waited for by {wait}"] = decode("overlapped")
@@ -476,19 +473,6 @@ def main(argv=None) -> int:
     print(text)
     Path(args.out).write_text(text)
     return 0
-
-
-def device_tensors(m: nn.Module) -> list[torch.Tensor]:
-    """Every CUDA tensor `m` holds, once: parameters, buffers and the plain tensors operators keep
-    (the INT8 linears' weights and scales are attributes, not parameters)."""
-    seen, out = set(), []
-    for sub in m.modules():
-        for x in [*sub.parameters(recurse=False), *sub.buffers(recurse=False),
-                  *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]:
-            if x.is_cuda and x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                out.append(x)
-    return out
 
 
 def head_ms(module, device, reps: int = 20) -> float:

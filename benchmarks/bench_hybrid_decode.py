@@ -29,7 +29,7 @@ from bench_experts_cpu import Q6_K, TiledSource, cpu_model  # noqa: E402
 
 from hybrid_r1 import placement  # noqa: E402
 from hybrid_r1.generate import forward_tokens, prefill  # noqa: E402
-from hybrid_r1.graphs import DecodeGraphs  # noqa: E402
+from hybrid_r1.graphs import DecodeGraphs, is_replay  # noqa: E402
 from hybrid_r1.loading import build, load_weights
 from hybrid_r1.placement import fuse  # noqa: E402
 from hybrid_r1.runtime import Runtime  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         runner = DecodeGraphs(module, cache)
         runner.step(tok)  # captures
         assert runner.use_graphs, "capture failed"
-        replays = [seg for seg in runner.segments if isinstance(getattr(seg, "__self__", None), torch.cuda.CUDAGraph)]
+        replays = [seg for seg in runner.segments if is_replay(seg)]
         gpu_only = timed(lambda: [r() for r in replays], args.steps)  # the graphs back to back, no experts
         experts = module.model.layers[1].mlp.experts
         x = torch.randn(1, cfg.hidden_size, dtype=torch.bfloat16)

@@ -157,6 +157,22 @@ def simd(variant: str | None = None) -> int:
     return int(library(variant or VARIANT).hr1_simd())
 
 
+def _flags(what: str, weights, rows: int, k: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+           out: torch.Tensor) -> int:
+    """hr1_moe's flags for a call's buffers, once they are checked: all contiguous on the CPU, x and
+    out [rows, hidden] float32 or bfloat16, ids [rows, k] int64, w [rows, k] float32."""
+    if any(t.device.type != "cpu" for t in (x, ids, w, out)):
+        raise ValueError(f"cpu_experts {what}: x, ids, w and out must be on the CPU")
+    if x.dtype not in FLOATS or out.dtype not in FLOATS or ids.dtype != torch.int64 or w.dtype != torch.float32:
+        raise TypeError(f"cpu_experts {what}: x/out float32 or bfloat16, ids int64, w float32; got "
+                        f"{x.dtype}, {out.dtype}, {ids.dtype}, {w.dtype}")
+    if not (x.shape == out.shape == (rows, weights.hidden) and ids.shape == w.shape == (rows, k)
+            and all(t.is_contiguous() for t in (x, ids, w, out))):
+        raise ValueError(f"cpu_experts {what}: x and out [{rows}, {weights.hidden}], ids and w [{rows}, {k}], "
+                         f"contiguous; got {list(x.shape)}, {list(out.shape)}, {list(ids.shape)}, {list(w.shape)}")
+    return (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
+
+
 class Pool:
     """`threads` threads computing one call at a time (the kernel serialises its callers: Python's
     and a hand-over Poller's): the caller's thread and threads-1 workers (worker i pinned to
@@ -179,16 +195,7 @@ class Pool:
         they are: a GPU's pinned decode buffers need no conversion pass). prefetch: bytes ahead the
         dot products prefetch (default PREFETCH). ValueError for ids out of range (nothing written)."""
         T, k = ids.shape
-        if any(t.device.type != "cpu" for t in (x, ids, w, out)):
-            raise ValueError("cpu_experts kernel: x, ids, w and out must be on the CPU")
-        if x.dtype not in FLOATS or out.dtype not in FLOATS or ids.dtype != torch.int64 or w.dtype != torch.float32:
-            raise TypeError(f"cpu_experts kernel: x/out float32 or bfloat16, ids int64, w float32; got "
-                            f"{x.dtype}, {out.dtype}, {ids.dtype}, {w.dtype}")
-        if not (x.shape == out.shape == (T, weights.hidden) and w.shape == ids.shape
-                and all(t.is_contiguous() for t in (x, ids, w, out))):
-            raise ValueError(f"cpu_experts kernel: x and out [{T}, {weights.hidden}], w like ids [{T}, {k}], "
-                             f"contiguous; got {list(x.shape)}, {list(out.shape)}, {list(w.shape)}")
-        flags = (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
+        flags = _flags("kernel", weights, T, k, x, ids, w, out)
         prefetch = PREFETCH if prefetch is None else prefetch
         rc = self.lib.hr1_moe(self.handle, *weights.addresses, *weights.types, weights.n_experts,
                               weights.hidden, weights.intermediate, T, k, x.data_ptr(), ids.data_ptr(),
@@ -239,14 +246,7 @@ class Poller:
         [max_tokens, k] (int64, float32) into out (x's shape); x and out float32 or bfloat16, all
         contiguous on the CPU and kept alive by the caller while the slot is set."""
         m = x.shape[0]
-        if x.dtype not in FLOATS or out.dtype not in FLOATS or ids.dtype != torch.int64 or w.dtype != torch.float32:
-            raise TypeError(f"cpu_experts poller: x/out float32 or bfloat16, ids int64, w float32; got "
-                            f"{x.dtype}, {out.dtype}, {ids.dtype}, {w.dtype}")
-        if not (x.shape == out.shape == (m, weights.hidden) and ids.shape == w.shape == (m, k)
-                and all(t.device.type == "cpu" and t.is_contiguous() for t in (x, ids, w, out))):
-            raise ValueError("cpu_experts poller: x and out [max_tokens, hidden], ids and w [max_tokens, k], "
-                             "contiguous on the CPU")
-        flags = (X_BF16 if x.dtype == torch.bfloat16 else 0) | (OUT_BF16 if out.dtype == torch.bfloat16 else 0)
+        flags = _flags("poller", weights, m, k, x, ids, w, out)
         s = _Slot(*weights.addresses, *weights.types, weights.n_experts, weights.hidden, weights.intermediate, k, m,
                   flags, PREFETCH, x.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr())
         if self.lib.hr1_poller_slot(self.handle, index, ctypes.byref(s)):

@@ -12,7 +12,7 @@ capture: the graph ends before such a module, it runs eagerly, and the next grap
 it, reading its output from a fixed buffer. So a hybrid step is one replay per layer plus the CPU
 experts, in order, on the current stream. Operators that hand their host work over inside the
 stream instead (`host_work`: experts.ggml_cpu with `overlap: true`) are graph-safe: the step is one
-graph (or one a layer, `split_layers`), and after each step the runner waits for it and calls their
+graph, and after each step the runner waits for it and calls their
 `host_check()`, so a failure on the host thread raises here rather than leaving NaN logits.
 
 Graphs are used only when everything but the modules that break them sits on one GPU and no
@@ -44,6 +44,11 @@ HEADROOM = 1024  # tokens reserved past the current length when (re)capturing
 # sleeps in the driver until the GPU is done (a spinning wait would take a core from the CPU
 # experts for the whole step), "yield" looks at the step's event and yields the CPU between looks.
 HOST_WORK_WAIT = "blocking"
+
+
+def is_replay(segment) -> bool:
+    """Whether a step's segment (DecodeGraphs.segments) is a graph replay, not an eager call."""
+    return isinstance(getattr(segment, "__self__", None), torch.cuda.CUDAGraph)
 
 
 def breaks_graph(module: nn.Module) -> bool:
@@ -110,38 +115,17 @@ class _Break(nn.Module):
         return out
 
 
-class _Split(nn.Module):
-    """Stands in for a decoder layer while capturing (`split_layers`): the graph captured so far
-    ends before it and a new one starts, so a step is one graph per layer, launched back to back.
-    A launch costs the host ~1 us a node (~130 us a layer's graph on the device host), and the
-    question was whether the GPU waits for a whole step's launch; measured, a step took the same
-    either way (8.54 ms one graph, 8.56 a graph a layer: decode_overlap_poller_split_h200.md), so
-    it is off by default."""
-
-    def __init__(self, runner: "DecodeGraphs", inner: nn.Module):
-        super().__init__()
-        self.runner, self.inner = runner, inner
-
-    def forward(self, *args):
-        if self.runner.capturing:
-            self.runner._end_graph()
-            self.runner._begin_graph()
-        return self.inner(*args)
-
-
 class DecodeGraphs:
     """Decode steps of `module` on `cache` (batch 1, one token a step). `use_graphs=False` runs the
     same static-input step eagerly (the CPU, tests); otherwise module and cache must be on one GPU."""
 
-    def __init__(self, module: DeepseekV3, cache: KVCache, *, use_graphs: bool = True, headroom: int = HEADROOM,
-                 split_layers: bool = False):
+    def __init__(self, module: DeepseekV3, cache: KVCache, *, use_graphs: bool = True, headroom: int = HEADROOM):
         if cache.batch != 1:
             raise ValueError("CUDA-graph decode runs batch 1")
         self.module, self.cache = module, cache
         self.device = module.lm_head.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.headroom = headroom
-        self.split_layers = split_layers  # one graph per decoder layer (_Split)
         self.capturing = self._open = False
         self.segments: list = []  # CUDA graph replays and eager expert calls, in order
         self.version = None  # cache.version the static step was built for
@@ -171,7 +155,7 @@ class DecodeGraphs:
     @property
     def breaks(self) -> int:
         """The eager calls a step makes between its graphs (modules that break the graph)."""
-        return sum(1 for seg in self.segments if not isinstance(getattr(seg, "__self__", None), torch.cuda.CUDAGraph))
+        return sum(1 for seg in self.segments if not is_replay(seg))
 
     def release(self) -> None:
         """Drop the graphs (their memory pool goes with them)."""
@@ -204,10 +188,6 @@ class DecodeGraphs:
         breaking = _breaking(self.module)
         for parent, attr, inner in breaking:
             setattr(parent, attr, _Break(self, inner))
-        layers = self.module.model.layers
-        blocks = list(layers)
-        for i in range(1, len(blocks)) if self.split_layers else ():
-            layers[i] = _Split(self, blocks[i])
         self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -230,8 +210,6 @@ class DecodeGraphs:
             self.capturing = False
             for parent, attr, inner in breaking:
                 setattr(parent, attr, inner)
-            for i, block in enumerate(blocks):
-                layers[i] = block
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     # ---- one step ----------------------------------------------------------------------------

@@ -49,6 +49,10 @@ LAYOUT = {"req": 0, "slot": 1, "ntok": 2, "done": 8, "err": 9}  # int64 words of
 SPIN_S = 20e-6  # pure spin after the last look found nothing new, then sleep(0)
 HOT_S = 0.05  # sleep(0) polling this long after the last request (a decode step's layers come ~ms apart)
 IDLE_SLEEP_S = 200e-6  # then sleeps of this length: a first layer after a pause waits at most this
+# what a worker (Python or C) says of a request it refuses, by the kind of refusal
+REFUSED = {"sequence": "request {req} arrived after {last} (one at a time, in order)",
+           "slot": "request {req} names slot {index}, which no live caller holds",
+           "tokens": "request {req} for {name} has {n} tokens (1..{room})"}
 
 
 class HandoffError(HybridR1Error, RuntimeError):
@@ -204,12 +208,12 @@ class HostWorker:
         if self.failure is not None:  # after a failure every request gets NaN at once: no compute on bad state
             return self._fail(req, slot, None)
         if req != last + 1:
-            return self._fail(req, slot, f"request {req} arrived after {last} (one at a time, in order)")
+            return self._fail(req, slot, REFUSED["sequence"].format(req=req, last=last))
         compute = slot.compute() if slot is not None else None
         if compute is None:
-            return self._fail(req, slot, f"request {req} names slot {index}, which no live caller holds")
+            return self._fail(req, slot, REFUSED["slot"].format(req=req, index=index))
         if not 1 <= n <= slot.max_tokens:
-            return self._fail(req, slot, f"request {req} for {slot.name} has {n} tokens (1..{slot.max_tokens})")
+            return self._fail(req, slot, REFUSED["tokens"].format(req=req, name=slot.name, n=n, room=slot.max_tokens))
         t0 = time.perf_counter()
         try:
             compute(slot.x[:n], slot.idx[:n], slot.w[:n], slot.out[:n])
@@ -336,12 +340,9 @@ class NativeWorker(HostWorker):
 
         slot = self.slots.get(index)
         name = slot.name if slot is not None else f"slot {index}"
-        if kind == "sequence":
-            return f"request {req} arrived after {detail} (one at a time, in order)"
-        if kind == "slot":
-            return f"request {req} names slot {index}, which no live caller holds"
-        if kind == "tokens":
-            return f"request {req} for {name} has {detail} tokens (1..{slot.max_tokens if slot else '?'})"
+        if kind in REFUSED:  # the C thread's detail: the last request done, or the tokens asked
+            return REFUSED[kind].format(req=req, last=detail, index=index, name=name, n=detail,
+                                        room=slot.max_tokens if slot else "?")
         weights = self._kernel_slots.get(index, (None,))[0]
         if detail == -2 and weights is not None:
             return f"{name}: expert ids must lie in [0, {weights.n_experts})"

@@ -161,12 +161,7 @@ def _decode_handoff(m, engine) -> str:
     """How an overlapped operator's decode calls reach `engine` (experts_ggml_overlap.py)."""
     from .ops.experts_ggml_overlap import OverlappedGGMLExperts
 
-    if not isinstance(m, OverlappedGGMLExperts):
-        return ""
-    if engine.c_handoff():
-        return "; decode overlapped, handed over in C"
-    return "; decode serial (overlap auto: this engine is called from Python)" if m.auto \
-        else "; decode overlapped, handed over to the Python worker"
+    return "; " + m.decode_path(engine) if isinstance(m, OverlappedGGMLExperts) else ""
 
 
 def engine_lines(module: nn.Module, source=None) -> list[str]:

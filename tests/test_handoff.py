@@ -287,7 +287,8 @@ def test_overlap_auto_hands_over_only_where_the_c_thread_serves(monkeypatch, eng
     assert op.hands_off == c
     assert (op.graph_safe, op.host_sync, op.runs_beside, op.host_work) == (c, not c, c, c)
     assert graphs.breaks_graph(op) == (not c)
-    assert ("overlapped (hand-over in C)" if c else "serial (overlap auto") in op.extra_repr()
+    assert ("decode overlapped, handed over in C" if c else "decode serial (overlap auto: this engine is called "
+            "from Python)") in op.extra_repr()
     if not c:  # a call that would hand over runs the serial path instead
         monkeypatch.setattr(OverlappedGGMLExperts, "hands_over", staticmethod(lambda x: True))
         x, idx, w = inputs(2, seed=46, dtype=torch.bfloat16)

@@ -129,7 +129,7 @@ class GGMLExperts(Operator):
         self.threads = a.threads or ggml_lib.physical_cores()
         self.chunk_tokens, self.poll = a.chunk_tokens, a.poll
         self.prefill_device, self.prefill_min_tokens = a.prefill_device, a.prefill_min_tokens
-        self.overlap_timeout_s = a.overlap_timeout_s
+        self.overlap, self.overlap_timeout_s = a.overlap, a.overlap_timeout_s
         self.engine, self.pin, self.hugepages = a.engine, a.pin, a.hugepages
         self.engine_class: type[cpu_engines.CPUEngine] | None = None  # chosen at load, for these types
         self.engine_why = ""
@@ -248,19 +248,14 @@ class GGMLExperts(Operator):
         hi.copy_(topk_idx, non_blocking=True)
         hw.copy_(topk_w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
-        ex = self._executor()
-        with ex.lock:  # the engine is made under the lock its calls run under
-            ids = not self._engine_for(hi.shape[1]).checks_ids(hi.shape[0])
-        check_call(hx, hi, hw, self.n_experts, self.hidden_size, ids=ids)
         if gpu_work is None:
-            with ex.lock:
-                self._run_into(ex, hx, hi, hw, hy)
+            self._checked_run_into(hx, hi, hw, hy)
             return hy.to(x.device, non_blocking=True)
         mode = torch.is_inference_mode_enabled()  # the helper thread writes the caller's tensors
 
         def on_host() -> None:
-            with torch.inference_mode(mode), ex.lock:
-                self._run_into(ex, hx, hi, hw, hy)
+            with torch.inference_mode(mode):
+                self._checked_run_into(hx, hi, hw, hy)
 
         done = _host_thread().submit(on_host)
         try:
@@ -268,6 +263,16 @@ class GGMLExperts(Operator):
         finally:  # the helper thread reads and writes the pinned buffers: never leave it running
             done.result()
         return (hy.to(x.device, non_blocking=True).float() + beside).to(x.dtype)
+
+    def _checked_run_into(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+        """A call on CPU buffers (the pinned ones of a call from a GPU) into `out`, under the
+        executor's lock: checked first, its ids too unless the engine refuses bad ones itself
+        (ggml would write out of bounds)."""
+        ex = self._executor()
+        with ex.lock:  # the engine is made under the lock its calls run under
+            ids = not self._engine_for(idx.shape[1]).checks_ids(idx.shape[0])
+            check_call(x, idx, w, self.n_experts, self.hidden_size, ids=ids)
+            self._run_into(ex, x, idx, w, out)
 
     def _pinned(self, x, idx, w) -> tuple[torch.Tensor, ...]:
         key = (tuple(x.shape), x.dtype, tuple(idx.shape), idx.dtype, w.dtype)

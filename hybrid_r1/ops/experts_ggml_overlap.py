@@ -20,7 +20,6 @@ import torch
 
 from .. import cpu_kernels, handoff
 from .experts_ggml import GGMLExperts
-from .experts_reference import check_call
 
 MAX_TOKENS = 8  # calls of up to this many tokens hand over (pinned room per layer: 2 x 14 KB a token)
 
@@ -39,7 +38,6 @@ class OverlappedGGMLExperts(GGMLExperts):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.auto = kw.get("overlap") == "auto"
         self.hands_off = True  # False: `overlap: auto` on an engine the C thread does not serve
         self.module_name = "experts"
         self.worker: handoff.HostWorker | None = None  # the process's (_default_worker) unless set
@@ -59,7 +57,7 @@ class OverlappedGGMLExperts(GGMLExperts):
         # native kernel's C thread hands over in ~10-30 us a layer, faster than serial; through the
         # Python worker ggml's layers were slower than serial (benchmarks/results/decode_overlap_*.md),
         # so those run serially, declaring what the serial kind declares
-        self.hands_off = not self.auto or self.engine_class.c_handoff()
+        self.hands_off = self._hands_off_to(self.engine_class)
         for attr in ("graph_safe", "host_sync", "runs_beside", "host_work"):
             setattr(self, attr, getattr(type(self) if self.hands_off else self.serial_kind, attr))
 
@@ -109,20 +107,22 @@ class OverlappedGGMLExperts(GGMLExperts):
         return handoff.worker()
 
     def _host_compute(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-        """On the worker thread: the serial path's compute on the pinned inputs (ids checked here
-        unless the engine refuses bad ones itself: ggml would write out of bounds)."""
-        ex = self._executor()  # the serial path's pool and lock (pinned or not)
-        with ex.lock:
-            ids = not self._engine_for(idx.shape[1]).checks_ids(idx.shape[0])
-            check_call(x, idx, w, self.n_experts, self.hidden_size, ids=ids)
-            self._run_into(ex, x, idx, w, out)
+        """On the Python worker's thread: the serial path's compute on the pinned inputs."""
+        self._checked_run_into(x, idx, w, out)
 
     def host_check(self) -> None:
         if self.worker is not None:
             self.worker.raise_if_failed()
 
+    def _hands_off_to(self, engine) -> bool:
+        return self.overlap != "auto" or engine.c_handoff()
+
+    def decode_path(self, engine) -> str:
+        """How this layer's decode calls reach `engine` (a cpu_engines class): what _decide makes of
+        it, as plan, the startup line and the module's repr say."""
+        if not self._hands_off_to(engine):
+            return "decode serial (overlap auto: this engine is called from Python)"
+        return "decode overlapped, handed over " + ("in C" if engine.c_handoff() else "to the Python worker")
+
     def extra_repr(self) -> str:
-        if not self.hands_off:
-            return super().extra_repr() + ", serial (overlap auto: the engine's calls go through Python)"
-        c = self.engine_class is not None and self.engine_class.c_handoff()
-        return super().extra_repr() + (", overlapped (hand-over in C)" if c else ", overlapped")
+        return super().extra_repr() + ", " + (self.decode_path(self.engine_class) if self.engine_class else "overlapped")
